@@ -1,0 +1,80 @@
+"""The FastAPI application: routers, the loaded model behind one swap point, and the registry watcher."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+
+from guardloop import __version__
+from guardloop.settings import Settings
+from models.registry import ModelRegistry
+from service.batcher import MicroBatcher
+from service.limits import BodySizeLimit
+from service.model_holder import ModelHolder
+from service.routers import classify, health, models
+
+log = logging.getLogger(__name__)
+
+
+async def watch_registry(holder: ModelHolder, interval: float) -> None:
+    """Follow the registry's `current` pointer, so a promotion anywhere reaches this replica."""
+    while True:
+        await asyncio.sleep(interval)
+        try:
+            await asyncio.to_thread(holder.follow_registry)
+        except Exception:  # keep watching whatever one poll did; the holder already logged the reason
+            log.exception("registry poll failed")
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    settings = settings or Settings()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        registry = ModelRegistry(settings.registry_dir)
+        holder = ModelHolder(registry, threads=settings.onnx_threads, max_seq_len=settings.max_seq_len)
+        await asyncio.to_thread(holder.follow_registry)
+        if holder.current is None:
+            log.warning("no servable model in %s yet; /readyz stays 503 until one is published", settings.registry_dir)
+        batcher = MicroBatcher(
+            lambda: holder.current, max_size=settings.batch_max_size, max_wait_ms=settings.batch_max_wait_ms
+        )
+        batcher.start()
+        app.state.settings, app.state.holder, app.state.batcher = settings, holder, batcher
+        watcher = asyncio.create_task(watch_registry(holder, settings.registry_poll_seconds))
+        try:
+            yield
+        finally:
+            watcher.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await watcher
+            await batcher.stop()
+
+    app = FastAPI(
+        title="guardloop",
+        version=__version__,
+        description="Safety classifier for chatbots: six labels with scores, from a model that keeps learning.",
+        lifespan=lifespan,
+    )
+    app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)
+
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
+        # One readable line per problem ("body.texts.0: Input should be a valid string") instead of raw dicts.
+        problems = []
+        for err in exc.errors():
+            where = ".".join(str(p) for p in err.get("loc", ()))
+            problems.append(f"{where}: {err.get('msg', 'invalid')}" if where else err.get("msg", "invalid"))
+        return JSONResponse({"detail": "; ".join(problems)}, status_code=422)
+
+    app.include_router(health.router)
+    app.include_router(classify.router)
+    app.include_router(models.router)
+    return app

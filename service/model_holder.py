@@ -1,0 +1,98 @@
+"""The one swap point: the model the service is answering with right now.
+
+A swap loads and warms the new version first, then replaces one reference. Requests that already took
+the old classifier keep it until they finish, so nothing in flight sees a half-loaded model.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+
+from models.onnx_model import ModelLoadError, OnnxClassifier
+from models.registry import ModelCard, ModelRegistry, RegistryError
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class LoadedModel:
+    classifier: OnnxClassifier
+    card: ModelCard
+    loaded_at: datetime
+    load_seconds: float
+
+    @property
+    def version(self) -> str:
+        return self.card.version
+
+
+@dataclass
+class SwapResult:
+    version: str
+    swapped: bool
+    reason: str = ""
+
+
+@dataclass
+class ModelHolder:
+    registry: ModelRegistry
+    threads: int = 1
+    max_seq_len: int = 128
+    _current: LoadedModel | None = None
+    _lock: threading.Lock = field(default_factory=threading.Lock)
+    # Versions that failed to load, with why; not retried by the poller (a reload forces a retry).
+    refused: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def current(self) -> LoadedModel | None:
+        return self._current
+
+    def load(self, version: str) -> SwapResult:
+        """Load, warm and swap to `version`; on any failure keep serving the old model."""
+        with self._lock:  # one load at a time; readers never take this lock
+            if self._current is not None and self._current.version == version:
+                return SwapResult(version, swapped=False, reason="already serving this version")
+            started = time.perf_counter()
+            try:
+                card = self.registry.card(version)
+                classifier = OnnxClassifier(
+                    self.registry.path(version),
+                    version=version,
+                    thresholds=card.thresholds,
+                    threads=self.threads,
+                    max_seq_len=self.max_seq_len,
+                )
+                if list(card.labels) != classifier.model_labels:
+                    raise ModelLoadError(f"card labels {card.labels} do not match the model's labels")
+                classifier.warm_up()
+            except (ModelLoadError, RegistryError, OSError, ValueError) as exc:
+                reason = str(exc)
+                self.refused[version] = reason
+                log.error("refused model version %s: %s (still serving %s)", version, reason, self.version)
+                return SwapResult(version, swapped=False, reason=reason)
+            previous = self.version
+            self._current = LoadedModel(classifier, card, datetime.now(UTC), time.perf_counter() - started)
+            self.refused.pop(version, None)
+            log.info("now serving model %s (was %s), loaded in %.2fs", version, previous, self._current.load_seconds)
+            return SwapResult(version, swapped=True)
+
+    def follow_registry(self, *, force: bool = False) -> SwapResult | None:
+        """Swap to the registry's `current` version if it changed; None when there is nothing to do."""
+        try:
+            target = self.registry.current()
+        except (RegistryError, OSError) as exc:
+            log.warning("cannot read the registry's current pointer: %s", exc)
+            return None
+        if target is None or target == self.version:
+            return None
+        if target in self.refused and not force:
+            return None
+        return self.load(target)
+
+    @property
+    def version(self) -> str | None:
+        return self._current.version if self._current else None

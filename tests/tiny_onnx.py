@@ -1,0 +1,85 @@
+"""A real, tiny ONNX text classifier for fast tests of the serving path.
+
+It is a genuine ONNX graph run by a genuine ONNX Runtime session and tokenized by the student's real
+tokenizer: an embedding table mean-pooled over the attention mask, plus a bias. `favour` adds a large
+bias to one label so that two versions are told apart by their answers (hot-swap tests).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from datetime import UTC, datetime
+from pathlib import Path
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+from guardloop.labels import LABELS
+from models.registry import ModelCard, ModelRegistry
+from trainer.base_models import minilm_dir
+
+VOCAB = 30522
+
+
+def write_tiny_model(
+    out_dir: Path, *, favour: str | None = None, seed: int = 0, labels: list[str] | None = None
+) -> Path:
+    labels = labels or list(LABELS)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    table = rng.normal(0, 1, size=(VOCAB, len(labels))).astype(np.float32)
+    bias = np.zeros(len(labels), dtype=np.float32)
+    if favour:
+        bias[labels.index(favour)] = 20.0
+    nodes = [
+        helper.make_node("Gather", ["table", "input_ids"], ["emb"], axis=0),
+        helper.make_node("Cast", ["attention_mask"], ["maskf"], to=TensorProto.FLOAT),
+        helper.make_node("Unsqueeze", ["maskf", "axis2"], ["mask3"]),
+        helper.make_node("Mul", ["emb", "mask3"], ["masked"]),
+        helper.make_node("ReduceSum", ["masked", "axis1"], ["summed"], keepdims=0),
+        helper.make_node("ReduceSum", ["maskf", "axis1"], ["count"], keepdims=1),
+        helper.make_node("Div", ["summed", "count"], ["pooled"]),
+        helper.make_node("Add", ["pooled", "bias"], ["logits"]),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "tiny",
+        [
+            helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["batch", "seq"]),
+            helper.make_tensor_value_info("attention_mask", TensorProto.INT64, ["batch", "seq"]),
+        ],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", len(labels)])],
+        initializer=[
+            numpy_helper.from_array(table, "table"),
+            numpy_helper.from_array(bias, "bias"),
+            numpy_helper.from_array(np.array([2], dtype=np.int64), "axis2"),
+            numpy_helper.from_array(np.array([1], dtype=np.int64), "axis1"),
+        ],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.save(model, out_dir / "model.onnx")
+    shutil.copyfile(minilm_dir() / "tokenizer.json", out_dir / "tokenizer.json")
+    (out_dir / "labels.json").write_text(json.dumps(labels), encoding="utf-8")
+    return out_dir
+
+
+def publish_tiny(
+    registry: ModelRegistry, tmp: Path, *, favour: str | None = None, make_current: bool = True, seed: int = 0
+) -> str:
+    staging = write_tiny_model(
+        tmp / f"staging-{favour}-{seed}-{datetime.now(UTC).timestamp()}", favour=favour, seed=seed
+    )
+    version = registry.new_version_name()
+    card = ModelCard(
+        version=version,
+        created_at=datetime.now(UTC),
+        labels=list(LABELS),
+        thresholds=dict.fromkeys(LABELS, 0.5),
+        metrics={"dev": {"macro_f1": 0.5}},
+        parent=registry.current(),
+    )
+    registry.publish(staging, card, make_current=make_current)
+    return version

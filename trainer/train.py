@@ -1,0 +1,121 @@
+"""The `guardloop train` job: data in, a published, verified int8 ONNX model out."""
+
+from __future__ import annotations
+
+import logging
+import tempfile
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from guardloop.datafiles import Example
+from guardloop.labels import LABELS
+from models.registry import ModelCard, ModelRegistry
+from trainer import base_models
+from trainer.export import QUANTIZATION, export_onnx, onnx_agreement
+from trainer.finetune import FineTuneConfig, TrainingExample, fine_tune, predict_proba
+
+log = logging.getLogger(__name__)
+
+# The int8 model may differ from torch on a few borderline texts; more than this means a broken export.
+MIN_ONNX_AGREEMENT = 0.9
+
+
+class ExportCheckFailed(Exception):
+    """The exported ONNX model disagrees with the torch model it came from."""
+
+
+@dataclass
+class TrainJob:
+    train: Sequence[Example]
+    dev: Sequence[Example] | None
+    config: FineTuneConfig
+    fingerprints: dict[str, str]
+    unlabeled: Sequence[str] = ()
+    teacher: str | None = None  # "mpnet" or None
+    teacher_epochs: int = 4
+    cache_dir: Path = Path("var/cache")
+    quantize: bool = True
+    progress: bool = True
+
+
+@dataclass
+class TrainOutcome:
+    version: str | None
+    card: ModelCard
+    staging_dir: Path | None = None
+
+
+def soft_labels_from_teacher(job: TrainJob) -> tuple[list[TrainingExample], dict[str, Any]]:
+    """Fine-tune the teacher on the same labels, then let it soft-label the training and unlabeled texts."""
+    teacher_config = FineTuneConfig(**{**job.config.__dict__, "epochs": job.teacher_epochs, "learning_rate": 3e-5})
+    teacher = fine_tune(
+        base_models.mpnet_dir(job.cache_dir),
+        [TrainingExample(ex.text, ex.label) for ex in job.train],
+        [(ex.text, ex.label) for ex in job.dev] if job.dev else None,
+        teacher_config,
+        progress=job.progress,
+    )
+    texts = [ex.text for ex in job.train] + list(job.unlabeled)
+    probs = predict_proba(teacher.model, teacher.tokenizer, texts, job.config.max_seq_len)
+    examples = [TrainingExample(ex.text, ex.label, probs[i]) for i, ex in enumerate(job.train)]
+    examples += [TrainingExample(text, None, probs[len(job.train) + i]) for i, text in enumerate(job.unlabeled)]
+    info = {
+        "teacher": "all-mpnet-base-v2",
+        "teacher_dev": teacher.dev_report,
+        "teacher_seconds": round(teacher.seconds, 1),
+        "unlabeled": len(job.unlabeled),
+    }
+    return examples, info
+
+
+def train_model(job: TrainJob, work_dir: Path) -> tuple[Path, ModelCard]:
+    """Fine-tune, export and verify into `work_dir/staging`; returns the staging dir and its card (unpublished)."""
+    distill_info: dict[str, Any] = {}
+    if job.teacher:
+        examples, distill_info = soft_labels_from_teacher(job)
+    else:
+        examples = [TrainingExample(ex.text, ex.label) for ex in job.train]
+    dev_pairs = [(ex.text, ex.label) for ex in job.dev] if job.dev else None
+    result = fine_tune(base_models.minilm_dir(), examples, dev_pairs, job.config, progress=job.progress)
+
+    staging = work_dir / "staging"
+    export_onnx(result, staging, quantize=job.quantize)
+    metrics: dict[str, Any] = {"dev": result.dev_report, "best_epoch": result.best_epoch, "history": result.history}
+    check_pairs = dev_pairs or [(ex.text, ex.label) for ex in job.train[:200]]
+    agreement = onnx_agreement(result, staging, check_pairs, job.config.max_seq_len)
+    metrics["onnx_check"] = agreement
+    if agreement["agreement"] < MIN_ONNX_AGREEMENT:
+        raise ExportCheckFailed(
+            f"ONNX model agrees with torch on only {agreement['agreement']:.1%} of "
+            f"{agreement['n']} texts (need {MIN_ONNX_AGREEMENT:.0%}); not published"
+        )
+    label_counts = {label: sum(1 for ex in job.train if ex.label == label) for label in LABELS}
+    card = ModelCard(
+        version="unpublished",
+        created_at=datetime.now(UTC),
+        labels=list(LABELS),
+        thresholds=dict.fromkeys(LABELS, 0.5),
+        metrics=metrics,
+        data=dict(job.fingerprints),
+        training={
+            **result.config,
+            "train_examples": len(job.train),
+            "label_counts": label_counts,
+            "seconds": round(result.seconds, 1),
+            **distill_info,
+        },
+        quantization=QUANTIZATION if job.quantize else None,
+    )
+    return staging, card
+
+
+def train_and_publish(job: TrainJob, registry: ModelRegistry, *, make_current: bool = True) -> TrainOutcome:
+    with tempfile.TemporaryDirectory(prefix="guardloop-train-") as tmp:
+        staging, card = train_model(job, Path(tmp))
+        version = registry.new_version_name()
+        card = card.model_copy(update={"version": version, "parent": registry.current()})
+        registry.publish(staging, card, make_current=make_current)
+    return TrainOutcome(version=version, card=registry.card(version))

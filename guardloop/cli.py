@@ -120,10 +120,6 @@ def _train(
     progress: bool = True,
     **config_overrides: Any,
 ) -> str:
-    from models.registry import ModelRegistry
-    from trainer.finetune import FineTuneConfig
-    from trainer.train import TrainJob, train_and_publish
-
     columns = {"text_column": _parse_column(text_column), "label_column": _parse_column(label_column)}
     train_data = load_examples(data, skip_bad_rows=skip_bad_rows, **columns)
     dev_data = load_examples([dev], skip_bad_rows=skip_bad_rows, **columns) if dev else None
@@ -135,6 +131,11 @@ def _train(
         unlabeled_texts = [ex.text for ex in loaded.examples]
     for bad in [*train_data.bad_rows, *(dev_data.bad_rows if dev_data else [])]:
         typer.echo(f"skipped {bad.path}:{bad.line}: {bad.reason}", err=True)
+    # Heavy imports (torch, transformers) only after the data has been checked: bad input fails fast.
+    from models.registry import ModelRegistry
+    from trainer.finetune import FineTuneConfig
+    from trainer.train import TrainJob, train_and_publish
+
     teacher = config_overrides.pop("teacher", None)
     teacher_epochs = config_overrides.pop("teacher_epochs", 4)
     config = FineTuneConfig(seed=settings.seed, **{k: v for k, v in config_overrides.items() if v is not None})

@@ -177,6 +177,9 @@ def train(
     learning_rate: Annotated[float | None, typer.Option(min=0)] = None,
     batch_size: Annotated[int | None, typer.Option(min=1)] = None,
     seed: Annotated[int | None, typer.Option(help="random seed (default: settings)")] = None,
+    class_weight_power: Annotated[
+        float | None, typer.Option(min=0, max=1, help="0 = unweighted loss, 1 = fully class-balanced")
+    ] = None,
     teacher: Annotated[str | None, typer.Option(help="distill from a teacher: 'mpnet'")] = None,
     teacher_epochs: Annotated[int, typer.Option(min=1)] = 4,
     unlabeled: Annotated[list[Path] | None, typer.Option(help="unlabeled texts for the teacher to soft-label")] = None,
@@ -200,6 +203,7 @@ def train(
         epochs=epochs,
         learning_rate=learning_rate,
         batch_size=batch_size,
+        class_weight_power=class_weight_power,
         teacher=teacher,
         teacher_epochs=teacher_epochs,
     )

@@ -27,9 +27,9 @@ from trainer.metrics import classification_report
 
 @dataclass
 class FineTuneConfig:
-    epochs: int = 8
+    epochs: int = 10
     batch_size: int = 16
-    learning_rate: float = 1e-4
+    learning_rate: float = 5e-5
     weight_decay: float = 0.01
     warmup_ratio: float = 0.1
     patience: int = 3

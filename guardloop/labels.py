@@ -11,6 +11,16 @@ LABELS: tuple[str, ...] = (
     "not-harmful",
 )
 SAFE_LABEL = "not-harmful"
+HARMFUL_LABELS: tuple[str, ...] = tuple(label for label in LABELS if label != SAFE_LABEL)
+# Most severe first: when several categories apply, the chatbot should follow the first one's guidance
+# (a danger to life outranks advice topics).
+HARMFUL_BY_SEVERITY: tuple[str, ...] = (
+    "emergency-situation",
+    "self-harm",
+    "medical-advice",
+    "legal-advice",
+    "financial-advice",
+)
 
 # Spellings seen in public datasets and in hand-written files. Keys are normalized (see below).
 _ALIASES: dict[str, str] = {

@@ -5,13 +5,15 @@ from __future__ import annotations
 from functools import lru_cache
 from pathlib import Path
 
-from pydantic import Field, SecretStr
+from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
     SettingsConfigDict,
     YamlConfigSettingsSource,
 )
+
+from guardloop.labels import SAFE_LABEL, parse_label
 
 
 class Settings(BaseSettings):
@@ -38,9 +40,48 @@ class Settings(BaseSettings):
     batch_max_size: int = Field(32, ge=1, description="most texts the micro-batcher runs in one forward pass")
     batch_max_wait_ms: float = Field(2.0, ge=0, description="longest a text waits for others to join its batch")
     registry_poll_seconds: float = Field(5.0, gt=0, description="how often the service checks `current`")
+    thresholds: dict[str, float] = Field(
+        default_factory=dict,
+        description="per-category flag thresholds that override the model card's, e.g. {'self-harm': 0.3}",
+    )
+    conversation_context_turns: int = Field(
+        2, ge=0, le=16, description="earlier user turns classified together with the last one (conversation input)"
+    )
+
+    # Response guidance
+    guidelines_path: Path | None = Field(None, description="operator's guideline library (YAML); default: built in")
+    guidelines_poll_seconds: float = Field(2.0, gt=0, description="how often the guideline file's mtime is checked")
 
     # Training
     seed: int = 13
+
+    # LLM variations (any OpenAI-compatible endpoint; none = the embedded SmolLM2 server on loopback)
+    llm_base_url: str | None = Field(None, description="e.g. http://127.0.0.1:11434/v1; unset: embedded SmolLM2")
+    llm_model: str | None = Field(None, description="model name at the endpoint; unset: the first it lists")
+    llm_api_key: SecretStr | None = None
+    llm_timeout_seconds: float = Field(60.0, gt=0, description="longest wait for one LLM answer")
+    llm_retries: int = Field(2, ge=0, le=10, description="attempts after a failed first one (exponential backoff)")
+    llm_backoff_seconds: float = Field(1.0, ge=0, description="wait before the first retry; doubles each time")
+    llm_variations: int = Field(5, ge=1, le=20, description="variations asked for per labeled text (k)")
+    llm_temperature: float = Field(0.8, ge=0, le=2)
+    llm_max_tokens: int = Field(256, ge=16, le=4096, description="longest LLM answer, in tokens")
+    llm_consistency_threshold: float = Field(
+        0.8, gt=0, le=1, description="drop a variation the current model puts in another class with this confidence"
+    )
+    llm_threads: int = Field(1, ge=1, description="CPU threads of the embedded LLM server")
+
+    @field_validator("thresholds")
+    @classmethod
+    def _check_thresholds(cls, value: dict[str, float]) -> dict[str, float]:
+        checked: dict[str, float] = {}
+        for raw, threshold in value.items():
+            label = parse_label(raw)
+            if label == SAFE_LABEL:
+                raise ValueError(f"{SAFE_LABEL!r} is never flagged, so it takes no threshold; remove it")
+            if not 0.0 <= threshold <= 1.0:
+                raise ValueError(f"threshold of {label!r} is {threshold}; thresholds must lie in 0..1")
+            checked[label] = threshold
+        return checked
 
     @classmethod
     def settings_customise_sources(

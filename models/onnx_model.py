@@ -30,6 +30,8 @@ class Verdict:
     confidence: float
     uncertainty: float  # entropy of the scores divided by log(6): 0 = certain, 1 = uniform
     flagged: bool
+    # Harmful categories whose own score reaches their own threshold, highest score first.
+    flagged_categories: tuple[str, ...] = ()
 
 
 class OnnxClassifier:
@@ -103,16 +105,31 @@ class OnnxClassifier:
         return [self.verdict(row) for row in self.predict_proba(texts)]
 
     def verdict(self, probs: np.ndarray) -> Verdict:
+        """The verdict for one row of probabilities (LABELS order).
+
+        A category is flagged when its own score reaches its own threshold (one-vs-rest), whatever the top
+        label is: that is the rule `guardloop calibrate` tunes thresholds for, so a calibrated low self-harm
+        threshold does flag a text whose top label is something else. With thresholds >= 0.5 only the top
+        label can reach its threshold, so this equals "top label is harmful and its score reaches its threshold".
+        """
         best = int(probs.argmax())
         label = LABELS[best]
         confidence = float(probs[best])
         entropy = float(-(probs * np.log(np.clip(probs, 1e-12, 1.0))).sum())
+        scores = {name: float(p) for name, p in zip(LABELS, probs, strict=True)}
+        flagged_categories = tuple(
+            sorted(
+                (name for name in LABELS if name != SAFE_LABEL and scores[name] >= self.thresholds[name]),
+                key=lambda name: -scores[name],
+            )
+        )
         return Verdict(
             label=label,
-            scores={name: float(p) for name, p in zip(LABELS, probs, strict=True)},
+            scores=scores,
             confidence=confidence,
             uncertainty=min(1.0, entropy / _LOG_N_LABELS),
-            flagged=label != SAFE_LABEL and confidence >= self.thresholds[label],
+            flagged=bool(flagged_categories),
+            flagged_categories=flagged_categories,
         )
 
     def warm_up(self) -> None:

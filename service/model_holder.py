@@ -42,6 +42,8 @@ class ModelHolder:
     registry: ModelRegistry
     threads: int = 1
     max_seq_len: int = 128
+    # Operators' per-category thresholds (settings); they win over the model card's.
+    threshold_overrides: dict[str, float] = field(default_factory=dict)
     _current: LoadedModel | None = None
     _lock: threading.Lock = field(default_factory=threading.Lock)
     # Versions that failed to load, with why; not retried by the poller (a reload forces a retry).
@@ -62,7 +64,7 @@ class ModelHolder:
                 classifier = OnnxClassifier(
                     self.registry.path(version),
                     version=version,
-                    thresholds=card.thresholds,
+                    thresholds=card.thresholds | self.threshold_overrides,
                     threads=self.threads,
                     max_seq_len=self.max_seq_len,
                 )

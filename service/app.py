@@ -16,9 +16,10 @@ from guardloop import __version__
 from guardloop.settings import Settings
 from models.registry import ModelRegistry
 from service.batcher import MicroBatcher
+from service.guideline_store import GuidelineStore, watch_guidelines
 from service.limits import BodySizeLimit
 from service.model_holder import ModelHolder
-from service.routers import classify, health, models
+from service.routers import classify, guidelines, health, models, moderations
 
 log = logging.getLogger(__name__)
 
@@ -39,7 +40,12 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         registry = ModelRegistry(settings.registry_dir)
-        holder = ModelHolder(registry, threads=settings.onnx_threads, max_seq_len=settings.max_seq_len)
+        holder = ModelHolder(
+            registry,
+            threads=settings.onnx_threads,
+            max_seq_len=settings.max_seq_len,
+            threshold_overrides=settings.thresholds,
+        )
         await asyncio.to_thread(holder.follow_registry)
         if holder.current is None:
             log.warning("no servable model in %s yet; /readyz stays 503 until one is published", settings.registry_dir)
@@ -48,13 +54,16 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         )
         batcher.start()
         app.state.settings, app.state.holder, app.state.batcher = settings, holder, batcher
+        app.state.guidelines = guideline_store = await asyncio.to_thread(GuidelineStore, settings.guidelines_path)
         watcher = asyncio.create_task(watch_registry(holder, settings.registry_poll_seconds))
+        guideline_watcher = asyncio.create_task(watch_guidelines(guideline_store, settings.guidelines_poll_seconds))
         try:
             yield
         finally:
-            watcher.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await watcher
+            for task in (watcher, guideline_watcher):
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
             await batcher.stop()
 
     app = FastAPI(
@@ -76,5 +85,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     app.include_router(health.router)
     app.include_router(classify.router)
+    app.include_router(moderations.router)
+    app.include_router(guidelines.router)
     app.include_router(models.router)
     return app

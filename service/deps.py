@@ -9,6 +9,7 @@ from fastapi import Depends, Header, HTTPException, Request, status
 
 from guardloop.settings import Settings
 from service.batcher import MicroBatcher
+from service.guideline_store import GuidelineStore
 from service.model_holder import ModelHolder
 
 
@@ -22,6 +23,10 @@ def get_holder(request: Request) -> ModelHolder:
 
 def get_batcher(request: Request) -> MicroBatcher:
     return request.app.state.batcher
+
+
+def get_guidelines(request: Request) -> GuidelineStore:
+    return request.app.state.guidelines
 
 
 def bearer_token(authorization: str | None) -> str | None:
@@ -52,3 +57,4 @@ def require_admin(
 SettingsDep = Annotated[Settings, Depends(get_settings)]
 HolderDep = Annotated[ModelHolder, Depends(get_holder)]
 BatcherDep = Annotated[MicroBatcher, Depends(get_batcher)]
+GuidelinesDep = Annotated[GuidelineStore, Depends(get_guidelines)]

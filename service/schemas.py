@@ -2,15 +2,36 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from guardloop.guidance import Guidance
 from guardloop.labels import LABELS
 
 
+class Message(BaseModel):
+    """One turn of a conversation."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    role: Literal["user", "assistant"]
+    content: str
+
+    @field_validator("content")
+    @classmethod
+    def _not_blank(cls, value: str) -> str:
+        if not value.strip():
+            raise ValueError("content is empty: send the words of this turn (or leave the turn out)")
+        return value
+
+
 class ClassifyRequest(BaseModel):
-    """Exactly one of `text` or `texts`. Length limits are the service's settings (see GET /models/current)."""
+    """Exactly one of `text`, `texts` or `messages`. Limits are the service's settings (GET /models/current).
+
+    `messages` is a conversation: the verdict is for its last user turn, read with up to
+    `conversation_context_turns` earlier user turns as context (see the README).
+    """
 
     model_config = ConfigDict(
         extra="forbid",
@@ -18,17 +39,31 @@ class ClassifyRequest(BaseModel):
             "examples": [
                 {"text": "I've lived everything I want to live"},
                 {"texts": ["my code is killing me", "can my landlord keep my deposit?"]},
+                {
+                    "messages": [
+                        {"role": "user", "content": "I don't see the point of anything anymore"},
+                        {"role": "assistant", "content": "I'm sorry you're feeling this way. Want to talk?"},
+                        {"role": "user", "content": "how many of my pills would be too many"},
+                    ]
+                },
             ]
         },
     )
 
     text: str | None = Field(None, description="one message to classify")
     texts: list[str] | None = Field(None, description="several messages, answered in order")
+    messages: list[Message] | None = Field(
+        None, description="a conversation, oldest turn first; one verdict, for the last user turn"
+    )
 
     @model_validator(mode="after")
     def _one_of(self) -> ClassifyRequest:
-        if (self.text is None) == (self.texts is None):
-            raise ValueError("send exactly one of 'text' (a string) or 'texts' (a list of strings)")
+        given = [value for value in (self.text, self.texts, self.messages) if value is not None]
+        if len(given) != 1:
+            raise ValueError(
+                "send exactly one of 'text' (a string), 'texts' (a list of strings) "
+                "or 'messages' (a conversation: [{'role': 'user', 'content': ...}, ...])"
+            )
         return self
 
     def as_list(self) -> list[str]:
@@ -40,7 +75,19 @@ class Classification(BaseModel):
     scores: dict[str, float] = Field(description="probability of every label; they sum to 1")
     confidence: float = Field(description="score of the predicted label")
     uncertainty: float = Field(description="normalized entropy of the scores: 0 certain, 1 uniform")
-    flagged: bool = Field(description="label is not not-harmful and its score reaches that label's threshold")
+    flagged: bool = Field(description="some harmful category's score reaches that category's threshold")
+    flagged_categories: list[str] = Field(
+        default_factory=list, description="the harmful categories whose score reaches their threshold, highest first"
+    )
+    guidance: list[Guidance] = Field(
+        default_factory=list,
+        description="what the chatbot should do: one entry per flagged category, most severe first",
+    )
+    decided_by_context: bool | None = Field(
+        None,
+        description="conversation input only: true when the verdict came from the last user turn read with its "
+        "context, false when from the last user turn alone",
+    )
 
 
 class ClassifyResponse(BaseModel):
@@ -97,3 +144,111 @@ class ReloadResponse(BaseModel):
 
 class ErrorResponse(BaseModel):
     detail: str | list[Any]
+
+
+class ModerationRequest(BaseModel):
+    """OpenAI's moderation request: `input` is a string, a list of strings, or a list of text parts."""
+
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={
+            "examples": [
+                {"input": "I've lived everything I want to live"},
+                {"input": ["my code is killing me", "can my landlord keep my deposit?"], "model": "guardloop"},
+            ]
+        },
+    )
+
+    input: str | list[str] = Field(
+        description="text(s) to classify; OpenAI's text parts {'type': 'text', 'text': ...} are accepted too"
+    )
+    model: str | None = Field(None, description="reported back as is; the served model answers whatever it says")
+
+    @field_validator("input", mode="before")
+    @classmethod
+    def _text_parts_to_strings(cls, value: Any) -> Any:
+        # OpenAI's multi-modal form: [{"type": "text", "text": ...}, {"type": "image_url", ...}]. Text parts
+        # become strings; anything else gets a message that says what to send instead.
+        if isinstance(value, str):
+            return value
+        if not isinstance(value, list):
+            raise ValueError("input must be a string or a list of strings")
+        texts = []
+        for i, item in enumerate(value):
+            if isinstance(item, str):
+                texts.append(item)
+            elif isinstance(item, dict):
+                if item.get("type") == "image_url":
+                    raise ValueError(f"input.{i} is an image; guardloop classifies text only, send its text")
+                if item.get("type") != "text" or not isinstance(item.get("text"), str) or set(item) != {"type", "text"}:
+                    raise ValueError(f"input.{i} must be a string or a text part {{'type': 'text', 'text': '...'}}")
+                texts.append(item["text"])
+            else:
+                raise ValueError(f"input.{i} must be a string or a text part {{'type': 'text', 'text': '...'}}")
+        return texts
+
+    def as_list(self) -> list[str]:
+        return [self.input] if isinstance(self.input, str) else list(self.input)
+
+
+class ModerationResult(BaseModel):
+    flagged: bool = Field(description="some category reaches its threshold")
+    categories: dict[str, bool] = Field(description="every label: does it reach its threshold (not-harmful: never)")
+    category_scores: dict[str, float] = Field(description="probability of every label; they sum to 1")
+
+
+class ModerationResponse(BaseModel):
+    """OpenAI's moderation response, over guardloop's six labels."""
+
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {
+                    "id": "modr-3b7f0c2e9a1d4c55b0e6f1a2d3c4b5a6",
+                    "model": "v20261125-091500-1a2b",
+                    "results": [
+                        {
+                            "flagged": True,
+                            "categories": {
+                                "self-harm": True,
+                                "medical-advice": False,
+                                "legal-advice": False,
+                                "financial-advice": False,
+                                "emergency-situation": False,
+                                "not-harmful": False,
+                            },
+                            "category_scores": {
+                                "self-harm": 0.91,
+                                "medical-advice": 0.03,
+                                "legal-advice": 0.01,
+                                "financial-advice": 0.01,
+                                "emergency-situation": 0.02,
+                                "not-harmful": 0.02,
+                            },
+                        }
+                    ],
+                }
+            ]
+        }
+    )
+
+    id: str = Field(description="'modr-' and a random hex string")
+    model: str = Field(description="the request's `model` if given, else the served model version")
+    results: list[ModerationResult]
+
+
+class RefusedGuidelines(BaseModel):
+    source: str
+    reason: str
+    at: str
+
+
+class GuidelinesResponse(BaseModel):
+    version: str = Field(description="the library's version")
+    source: str = Field(description="'builtin' or the operator's file it was loaded from")
+    loaded_at: str
+    refused: RefusedGuidelines | None = Field(
+        description="the last operator file that was refused (still serving the library above), if any"
+    )
+    description: str
+    categories: dict[str, Any] = Field(description="the library itself: one entry per harmful category")

@@ -2,49 +2,49 @@ from __future__ import annotations
 
 import uuid
 
-from fastapi import APIRouter, HTTPException, status
+from fastapi import APIRouter, Request
 
-from service.batcher import NoModelLoaded
-from service.deps import BatcherDep, SettingsDep
+from models.onnx_model import Verdict
+from service.classification import check_limits, classify_texts
+from service.conversation import conversation_texts, pick_verdict
+from service.deps import GuidelinesDep, SettingsDep
+from service.guideline_store import GuidelineStore
 from service.schemas import Classification, ClassifyRequest, ClassifyResponse, ErrorResponse
+
+__all__ = ["check_limits", "router"]
 
 router = APIRouter(tags=["classify"])
 
 
-def check_limits(texts: list[str], max_texts: int, max_chars: int) -> None:
-    if not texts:
-        raise HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT, "'texts' is empty: send at least one text")
-    if len(texts) > max_texts:
-        raise HTTPException(
-            status.HTTP_422_UNPROCESSABLE_CONTENT,
-            f"too many texts: {len(texts)} sent, at most {max_texts} per request; split the request",
-        )
-    for i, text in enumerate(texts):
-        if not text.strip():
-            raise HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT, f"text {i} is empty: send some words")
-        if len(text) > max_chars:
-            raise HTTPException(
-                status.HTTP_422_UNPROCESSABLE_CONTENT,
-                f"text {i} has {len(text)} characters, at most {max_chars} allowed; shorten it",
-            )
+def _classification(verdict: Verdict, text: str, guidelines: GuidelineStore) -> Classification:
+    guidance = guidelines.current.library.guidance_for(verdict.flagged_categories, text) if verdict.flagged else []
+    return Classification(**verdict.__dict__, guidance=guidance)
 
 
 @router.post(
     "/classify",
     response_model=ClassifyResponse,
     responses={422: {"model": ErrorResponse}, 503: {"model": ErrorResponse}},
-    summary="Classify one or more user messages",
+    summary="Classify one or more user messages, or the last user turn of a conversation",
 )
-async def classify(body: ClassifyRequest, settings: SettingsDep, batcher: BatcherDep) -> ClassifyResponse:
-    texts = body.as_list()
-    check_limits(texts, settings.max_texts, settings.max_text_chars)
-    try:
-        probs, model = await batcher.predict(texts)
-    except NoModelLoaded as exc:
-        raise HTTPException(status.HTTP_503_SERVICE_UNAVAILABLE, "no model loaded yet; retry shortly") from exc
-    verdicts = [model.classifier.verdict(row) for row in probs]
-    return ClassifyResponse(
-        request_id=uuid.uuid4().hex,
-        model_version=model.version,
-        results=[Classification(**v.__dict__) for v in verdicts],
-    )
+async def classify(
+    body: ClassifyRequest, request: Request, settings: SettingsDep, guidelines: GuidelinesDep
+) -> ClassifyResponse:
+    if body.messages is not None:
+        conversation = conversation_texts(
+            body.messages, context_turns=settings.conversation_context_turns, max_chars=settings.max_text_chars
+        )
+        with_window = conversation.window is not None and settings.max_texts >= 2
+        texts = [conversation.turn, conversation.window or ""] if with_window else [conversation.turn]
+        classified = await classify_texts(request, texts)
+        verdict, by_context = pick_verdict(classified.verdicts[0], classified.verdicts[1] if with_window else None)
+        # Topic keywords are looked up in the text that was judged: with the context when it decided.
+        judged = texts[1] if by_context else texts[0]
+        result = _classification(verdict, judged, guidelines)
+        results = [result.model_copy(update={"decided_by_context": by_context})]
+    else:
+        classified = await classify_texts(request, body.as_list())
+        results = [
+            _classification(v, t, guidelines) for v, t in zip(classified.verdicts, classified.texts, strict=True)
+        ]
+    return ClassifyResponse(request_id=uuid.uuid4().hex, model_version=classified.model.version, results=results)

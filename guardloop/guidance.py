@@ -1,0 +1,173 @@
+"""The guideline library: what a chatbot should do once a message is flagged, per category and per topic.
+
+Following the guideline-library idea (Guide-Align): the guard does not only say "medical-advice", it hands
+the chatbot concrete instructions to put into its prompt. A library is a versioned YAML file; the team's
+defaults ship in `guardloop/guidelines/default.yaml`, operators may point `guidelines_path` at their own.
+
+Every harmful category needs an entry (a flagged text must always get guidance); optional topic entries
+refine it and are picked by keywords found in the text, which costs microseconds on the hot path.
+"""
+
+from __future__ import annotations
+
+import re
+from functools import cached_property
+from pathlib import Path
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from guardloop.labels import HARMFUL_BY_SEVERITY, HARMFUL_LABELS
+
+DEFAULT_LIBRARY_PATH = Path(__file__).parent / "guidelines" / "default.yaml"
+# A note, not a hard limit of YAML: an operator's file this large is almost certainly the wrong file.
+MAX_LIBRARY_BYTES = 1_048_576
+
+
+class GuidelineError(Exception):
+    """A guideline library that cannot be used; the message names the file and what to fix."""
+
+
+def _non_empty_lines(values: list[str]) -> list[str]:
+    cleaned = [" ".join(value.split()) for value in values]
+    if any(not value for value in cleaned):
+        raise ValueError("entries must not be empty")
+    return cleaned
+
+
+class TopicGuideline(BaseModel):
+    """A finer entry inside a category, chosen when the flagged text mentions one of its keywords."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    id: str = Field(pattern=r"^[a-z0-9][a-z0-9-]*$", description="stable name, e.g. 'medication-dose'")
+    title: str = Field(min_length=1)
+    keywords: list[str] = Field(min_length=1, description="words or phrases, matched case-insensitively")
+    instructions: list[str] = Field(min_length=1, description="added after the category's instructions")
+
+    _clean_lists = field_validator("keywords", "instructions")(_non_empty_lines)
+
+    @cached_property
+    def pattern(self) -> re.Pattern[str]:
+        # Whole words/phrases only: "cut" must not match "shortcut"; spaces inside a phrase match any spacing.
+        # Longest first, so that "eating disorder" wins over "eating" inside the same alternation.
+        phrases = sorted((r"\s+".join(map(re.escape, k.split())) for k in self.keywords), key=len, reverse=True)
+        return re.compile(r"(?<!\w)(?:" + "|".join(phrases) + r")(?!\w)", re.IGNORECASE)
+
+    def hits(self, text: str) -> int:
+        """How many different keywords of this topic occur in `text`."""
+        return len({" ".join(match.lower().split()) for match in self.pattern.findall(text)})
+
+
+class CategoryGuideline(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    title: str = Field(min_length=1)
+    summary: str = Field(min_length=1, description="one sentence: the stance the chatbot should take")
+    instructions: list[str] = Field(min_length=1, description="what to do, in order")
+    avoid: list[str] = Field(default_factory=list, description="what never to do")
+    resources: list[str] = Field(default_factory=list, description="hotlines, services, professionals to name")
+    topics: list[TopicGuideline] = Field(default_factory=list)
+
+    _clean_lists = field_validator("instructions", "avoid", "resources")(_non_empty_lines)
+
+    def best_topic(self, text: str) -> TopicGuideline | None:
+        """The topic with the most distinct keyword hits; ties go to the one listed first; None without hits."""
+        best, best_hits = None, 0
+        for topic in self.topics:
+            hits = topic.hits(text)
+            if hits > best_hits:
+                best, best_hits = topic, hits
+        return best
+
+
+class Guidance(BaseModel):
+    """What the chatbot should do for one flagged category (the category's entry, refined by a topic)."""
+
+    category: str
+    topic: str | None = Field(description="id of the topic entry that matched the text, if any")
+    title: str
+    summary: str
+    instructions: list[str]
+    avoid: list[str]
+    resources: list[str]
+    library_version: str
+
+
+class GuidelineLibrary(BaseModel):
+    """A whole library file."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    version: str = Field(min_length=1, description="the library's own version, reported with every guidance")
+    description: str = ""
+    categories: dict[str, CategoryGuideline]
+
+    @model_validator(mode="after")
+    def _covers_every_harmful_category(self) -> GuidelineLibrary:
+        unknown = sorted(set(self.categories) - set(HARMFUL_LABELS))
+        if unknown:
+            raise ValueError(
+                f"unknown categories {', '.join(unknown)}; use the harmful labels {', '.join(HARMFUL_LABELS)}"
+            )
+        missing = [label for label in HARMFUL_LABELS if label not in self.categories]
+        if missing:
+            raise ValueError(f"no entry for {', '.join(missing)}; every harmful category needs guidance")
+        for label, entry in self.categories.items():
+            ids = [topic.id for topic in entry.topics]
+            duplicates = sorted({topic_id for topic_id in ids if ids.count(topic_id) > 1})
+            if duplicates:
+                raise ValueError(f"categories.{label}: topic ids {', '.join(duplicates)} appear more than once")
+        return self
+
+    def guidance(self, category: str, text: str) -> Guidance:
+        entry = self.categories[category]
+        topic = entry.best_topic(text)
+        return Guidance(
+            category=category,
+            topic=topic.id if topic else None,
+            title=topic.title if topic else entry.title,
+            summary=entry.summary,
+            instructions=[*entry.instructions, *(topic.instructions if topic else ())],
+            avoid=list(entry.avoid),
+            resources=list(entry.resources),
+            library_version=self.version,
+        )
+
+    def guidance_for(self, categories: tuple[str, ...] | list[str], text: str) -> list[Guidance]:
+        """Guidance for each flagged category, most severe first (see HARMFUL_BY_SEVERITY)."""
+        ordered = sorted(set(categories), key=HARMFUL_BY_SEVERITY.index)
+        return [self.guidance(category, text) for category in ordered]
+
+
+def load_library(path: Path) -> GuidelineLibrary:
+    """Read and validate a library file; every problem is a GuidelineError naming the file and the place."""
+    try:
+        raw = path.read_bytes()
+    except OSError as exc:
+        raise GuidelineError(f"{path}: cannot read ({exc.strerror or exc})") from exc
+    if len(raw) > MAX_LIBRARY_BYTES:
+        raise GuidelineError(f"{path}: {len(raw)} bytes, more than {MAX_LIBRARY_BYTES}; is this the right file?")
+    try:
+        data = yaml.safe_load(raw.decode("utf-8"))
+    except UnicodeDecodeError as exc:
+        raise GuidelineError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start})") from exc
+    except yaml.YAMLError as exc:
+        where = getattr(exc, "problem_mark", None)
+        at = f" at line {where.line + 1}, column {where.column + 1}" if where else ""
+        problem = getattr(exc, "problem", None) or str(exc)
+        raise GuidelineError(f"{path}: not valid YAML{at} ({problem})") from exc
+    if not isinstance(data, dict):
+        raise GuidelineError(f"{path}: expected a mapping with 'version' and 'categories', got {type(data).__name__}")
+    try:
+        return GuidelineLibrary.model_validate(data)
+    except ValidationError as exc:
+        problems = []
+        for error in exc.errors():
+            where = ".".join(str(part) for part in error["loc"]) or "library"
+            problems.append(f"{where}: {error['msg'].removeprefix('Value error, ')}")
+        raise GuidelineError(f"{path}: {'; '.join(problems)}") from exc
+
+
+def default_library() -> GuidelineLibrary:
+    return load_library(DEFAULT_LIBRARY_PATH)

@@ -1,0 +1,43 @@
+"""OpenAI-compatible moderation: existing clients switch to guardloop by changing their base URL."""
+
+from __future__ import annotations
+
+import uuid
+
+from fastapi import APIRouter, Request, Response
+
+from guardloop.labels import LABELS, SAFE_LABEL
+from service.classification import classify_texts
+from service.schemas import ErrorResponse, ModerationRequest, ModerationResponse, ModerationResult
+
+router = APIRouter(tags=["openai-compatible"])
+
+MODEL_VERSION_HEADER = "X-Guardloop-Model-Version"
+
+
+@router.post(
+    "/v1/moderations",
+    response_model=ModerationResponse,
+    responses={422: {"model": ErrorResponse}, 503: {"model": ErrorResponse}},
+    summary="OpenAI-compatible moderation over guardloop's six labels",
+    description=(
+        "Takes OpenAI's request (`input`: a string or a list of strings; `model` optional) and answers in "
+        "OpenAI's shape. `categories` and `category_scores` carry guardloop's labels; a category is true when its "
+        "score reaches its threshold (`not-harmful` never is). The served model version is always in the "
+        f"`{MODEL_VERSION_HEADER}` header."
+    ),
+)
+async def create_moderation(body: ModerationRequest, request: Request, response: Response) -> ModerationResponse:
+    classified = await classify_texts(request, body.as_list())
+    response.headers[MODEL_VERSION_HEADER] = classified.model.version
+    results = [
+        ModerationResult(
+            flagged=verdict.flagged,
+            categories={label: label != SAFE_LABEL and label in verdict.flagged_categories for label in LABELS},
+            category_scores=verdict.scores,
+        )
+        for verdict in classified.verdicts
+    ]
+    return ModerationResponse(
+        id=f"modr-{uuid.uuid4().hex}", model=body.model or classified.model.version, results=results
+    )

@@ -1,0 +1,186 @@
+"""`guardloop simulate`: the whole active-learning loop with an oracle labeler, to compare query strategies.
+
+Reproduces the paper's setting (Hassan et al. 2024, Tables 3 and 6): start from a small seed set, and per
+iteration pick `per_iteration` pool items with a strategy, take their labels from the oracle (the pool file's
+own labels play the reviewers), ask the LLM for `variations` label-preserving rewrites of each, retrain, and
+measure macro-F1 on a held-out eval set and how balanced the acquired classes are.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import Counter
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from guardloop.datafiles import Example
+from guardloop.labels import LABELS
+from trainer.base_models import minilm_dir
+from trainer.embeddings import SentenceEmbedder
+from trainer.finetune import FineTuneConfig, TrainingExample, fine_tune, predict_proba
+from trainer.metrics import classification_report
+from trainer.strategies import make_strategy
+
+log = logging.getLogger(__name__)
+
+# (labeled items, the current model's predict_proba) -> accepted variations per item
+VariationMaker = Callable[[Sequence[tuple[str, str]], Callable[[list[str]], np.ndarray]], list[list[str]]]
+
+
+def class_count_std(counts: dict[str, int]) -> float:
+    """Population standard deviation of per-class counts over all six labels (the paper's balance measure)."""
+    return float(np.std([counts.get(label, 0) for label in LABELS]))
+
+
+def stratified_split(examples: Sequence[Example], fraction: float, seed: int) -> tuple[list[Example], list[Example]]:
+    """(kept, held_out): `fraction` of every class held out, chosen with `seed`."""
+    rng = np.random.default_rng(seed)
+    kept: list[Example] = []
+    held: list[Example] = []
+    for label in LABELS:
+        members = [ex for ex in examples if ex.label == label]
+        order = rng.permutation(len(members))
+        cut = round(fraction * len(members))
+        held += [members[i] for i in order[:cut]]
+        kept += [members[i] for i in order[cut:]]
+    return kept, held
+
+
+@dataclass
+class IterationResult:
+    iteration: int
+    acquired: dict[str, int]  # human (oracle) labels acquired so far, by class
+    acquired_with_variations: dict[str, int]  # plus accepted variations, by class
+    std_labels: float
+    std_with_variations: float
+    variations_accepted: int
+    train_size: int
+    eval_macro_f1: float
+    eval_per_class_f1: dict[str, float]
+    seconds: float
+
+
+@dataclass
+class SimulationResult:
+    strategy: str
+    seed: int
+    baseline_macro_f1: float
+    iterations: list[IterationResult] = field(default_factory=list)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "strategy": self.strategy,
+            "seed": self.seed,
+            "baseline_macro_f1": self.baseline_macro_f1,
+            "iterations": [it.__dict__ for it in self.iterations],
+        }
+
+
+@dataclass
+class Simulation:
+    pool: Sequence[Example]
+    seed_data: Sequence[Example]
+    dev: Sequence[Example]
+    eval_data: Sequence[Example]
+    strategy: str
+    iterations: int
+    per_iteration: int
+    make_variations: VariationMaker | None
+    cache_dir: Path
+    config: FineTuneConfig
+    n_clusters: int | None = None
+    progress: bool = False
+
+    def _train(self, examples: Sequence[tuple[str, str]]) -> Any:
+        return fine_tune(
+            minilm_dir(),
+            [TrainingExample(text, label) for text, label in examples],
+            [(ex.text, ex.label) for ex in self.dev],
+            self.config,
+            progress=self.progress,
+        )
+
+    def _evaluate(self, result: Any) -> dict[str, Any]:
+        texts = [ex.text for ex in self.eval_data]
+        probs = predict_proba(result.model, result.tokenizer, texts, self.config.max_seq_len)
+        return classification_report([ex.label for ex in self.eval_data], [LABELS[i] for i in probs.argmax(axis=1)])
+
+    def run(self, on_iteration: Callable[[IterationResult], None] | None = None) -> SimulationResult:
+        seed = self.config.seed
+        strategy = make_strategy(self.strategy, n_clusters=self.n_clusters)
+        embedder = SentenceEmbedder(self.cache_dir)
+        pool_texts = [ex.text for ex in self.pool]
+        pool_embeddings = embedder.embed(pool_texts)
+        available = np.ones(len(self.pool), dtype=bool)
+
+        base = [(ex.text, ex.label) for ex in self.seed_data]
+        acquired: list[tuple[str, str]] = []
+        variations: list[tuple[str, str]] = []
+        model = self._train(base)
+        baseline = self._evaluate(model)["macro_f1"]
+        log.info("%s seed %d: baseline macro-F1 %.4f", self.strategy, seed, baseline)
+        result = SimulationResult(self.strategy, seed, baseline)
+
+        for iteration in range(1, self.iterations + 1):
+            started = time.perf_counter()
+            candidates = np.flatnonzero(available)
+            probs = predict_proba(
+                model.model, model.tokenizer, [pool_texts[i] for i in candidates], self.config.max_seq_len
+            )
+            picked_pool = np.flatnonzero(~available)
+            selections = strategy.select(
+                pool_embeddings[candidates],
+                probs,
+                self.per_iteration,
+                labeled_embeddings=pool_embeddings[picked_pool] if len(picked_pool) else None,
+                random_state=seed * 1000 + iteration,
+            )
+            chosen = [int(candidates[s.index]) for s in selections]
+            available[chosen] = False
+            new_items = [(self.pool[i].text, self.pool[i].label) for i in chosen]  # the oracle answers
+            acquired += new_items
+            accepted = 0
+            if self.make_variations is not None:
+
+                def current_proba(texts: list[str], _m: Any = model) -> np.ndarray:
+                    return predict_proba(_m.model, _m.tokenizer, texts, self.config.max_seq_len)
+
+                for (_, label), rewrites in zip(new_items, self.make_variations(new_items, current_proba), strict=True):
+                    variations += [(text, label) for text in rewrites]
+                    accepted += len(rewrites)
+            model = self._train(base + acquired + variations)
+            report = self._evaluate(model)
+            counts = Counter(label for _, label in acquired)
+            counts_all = counts + Counter(label for _, label in variations)
+            entry = IterationResult(
+                iteration=iteration,
+                acquired={label: counts.get(label, 0) for label in LABELS},
+                acquired_with_variations={label: counts_all.get(label, 0) for label in LABELS},
+                std_labels=class_count_std(counts),
+                std_with_variations=class_count_std(counts_all),
+                variations_accepted=accepted,
+                train_size=len(base) + len(acquired) + len(variations),
+                eval_macro_f1=report["macro_f1"],
+                eval_per_class_f1=report["per_class_f1"],
+                seconds=round(time.perf_counter() - started, 1),
+            )
+            result.iterations.append(entry)
+            if on_iteration:
+                on_iteration(entry)
+        return result
+
+
+def llm_variation_maker(generator: Any) -> VariationMaker:
+    """Adapt a started VariationGenerator: the consistency filter uses the model of the current iteration."""
+
+    def make(items: Sequence[tuple[str, str]], current_proba: Callable[[list[str]], np.ndarray]) -> list[list[str]]:
+        generator.predict_proba = current_proba
+        batch = generator.generate_many(items)
+        return [result.accepted for result in batch.results]
+
+    return make

@@ -425,7 +425,8 @@ def test_a_server_that_cannot_load_its_model_fails_with_its_own_words(tmp_path) 
     server = LocalLLMServer(bogus, start_timeout=60)
     with pytest.raises(LLMServerError, match="exited with code") as raised:
         server.start()
-    assert "gguf" in str(raised.value).lower() or "model" in str(raised.value).lower()
+    first_line = str(raised.value).splitlines()[0]
+    assert "Failed to load model from file" in first_line  # the server's own last words, on the first line
     assert not server.running() and server.port is None
 
 
@@ -486,3 +487,50 @@ def test_embedded_server_exits_when_its_parent_is_killed(tmp_path) -> None:
         if parent.poll() is None:
             parent.kill()
             parent.wait()
+
+
+# --------------------------------------------------------------------------------------------- the command line
+def run_variations_cli(*args: str, base_url: str, tmp_path: Path, retries: int = 0) -> subprocess.CompletedProcess[str]:
+    env = os.environ | {
+        "GUARDLOOP_LLM_BASE_URL": base_url,
+        "GUARDLOOP_LLM_RETRIES": str(retries),
+        "GUARDLOOP_LLM_BACKOFF_SECONDS": "0.05",
+        "GUARDLOOP_REGISTRY_DIR": str(tmp_path / "registry"),
+        "GUARDLOOP_DATA_DIR": str(tmp_path / "data"),
+    }
+    return subprocess.run(
+        [sys.executable, "-m", "guardloop.cli", "variations", *args],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+    )
+
+
+@pytest.fixture
+def labeled_file(tmp_path: Path) -> Path:
+    path = tmp_path / "rows.tsv"
+    path.write_text(f"text\tlabel\n{ORIGINAL}\tlegal\nhow do i open a savings account?\tfinancial-advice\n")
+    return path
+
+
+def test_cli_prints_variations_as_json(fake_llm, labeled_file, tmp_path) -> None:
+    fake, base_url = fake_llm
+    result = run_variations_cli("--data", str(labeled_file), "-k", "2", "--json", base_url=base_url, tmp_path=tmp_path)
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout)
+    assert [item["label"] for item in report["items"]] == ["legal-advice", "financial-advice"]
+    assert all(len(item["accepted"]) == 2 and item["filtered"] == {"surplus": 1} for item in report["items"])
+    assert report["stats"]["requests"] == 2 and report["model"] == "fake-model" and report["endpoint"] == base_url
+    assert "consistency filter off" in result.stderr
+    assert "Generate 2 variations" in fake.requests[0][1]["messages"][-1]["content"]
+
+
+def test_cli_with_an_endpoint_that_is_down_says_so_in_one_line(labeled_file, tmp_path) -> None:
+    base_url = f"http://127.0.0.1:{free_port()}/v1"
+    result = run_variations_cli("--data", str(labeled_file), base_url=base_url, tmp_path=tmp_path, retries=1)
+    assert result.returncode == 2
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and "failed on every row" in errors[0] and "connection" in errors[0]
+    assert "Traceback" not in result.stderr
+    assert result.stdout.count("FAILED after 2 attempt(s): connection") == 2

@@ -141,7 +141,7 @@ class LocalLLMServer:
         try:
             self._wait_until_ready(started)
         except BaseException:
-            self.stop()
+            self.stop(report_exit=False)  # the error raised says it already
             raise
         log.info(
             "embedded LLM %s serving on %s (pid %d, %d thread(s), ready in %.1fs)",
@@ -158,9 +158,11 @@ class LocalLLMServer:
         while True:
             code = self._process.poll()
             if code is not None:
+                tail = self.output_tail()
+                last_words = tail.splitlines()[-1].strip() if tail.strip() else "no output"
                 raise LLMServerError(
-                    f"the embedded LLM server exited with code {code} while starting; "
-                    f"its last output:\n{self.output_tail()}"
+                    f"the embedded LLM server exited with code {code} while starting ({last_words}); "
+                    f"its last output:\n{tail}"
                 )
             try:
                 response = httpx.get(f"{self.base_url}/models", timeout=1.0)
@@ -182,11 +184,12 @@ class LocalLLMServer:
         text = Path(self._log_file.name).read_bytes().decode("utf-8", errors="replace")
         return "\n".join(text.splitlines()[-lines:])
 
-    def stop(self, grace: float = 5.0) -> None:
+    def stop(self, grace: float = 5.0, *, report_exit: bool = True) -> None:
         """Terminate, wait `grace` seconds, then kill. Safe to call twice."""
         process, self._process = self._process, None
         if process is not None and process.poll() is not None:
-            log.warning("embedded LLM server had exited with code %s:\n%s", process.returncode, self.output_tail(5))
+            if report_exit:
+                log.warning("embedded LLM server had exited with code %s:\n%s", process.returncode, self.output_tail(5))
         elif process is not None:
             process.terminate()
             try:

@@ -265,6 +265,86 @@ def evaluate(
         typer.echo(f"{label:<22}" + "".join(f"{v:>6}" for v in row))
 
 
+# --------------------------------------------------------------------------------------------- calibrate
+@app.command()
+@friendly_errors
+def calibrate(
+    data: Annotated[list[Path], typer.Option("--data", help="labeled TSV/CSV/JSONL file (repeatable)")],
+    target_precision: Annotated[
+        list[str] | None,
+        typer.Option(
+            help="P for every category, or LABEL=P for one (repeatable): lowest threshold with precision >= P"
+        ),
+    ] = None,
+    target_recall: Annotated[
+        list[str] | None,
+        typer.Option(help="R for every category, or LABEL=R for one (repeatable): highest threshold with recall >= R"),
+    ] = None,
+    model: Annotated[str | None, typer.Option(help="registry version to calibrate (default: current)")] = None,
+    promote: Annotated[bool, typer.Option(help="make the calibrated version current")] = True,
+    text_column: Annotated[str | None, typer.Option()] = None,
+    label_column: Annotated[str | None, typer.Option()] = None,
+    skip_bad_rows: Annotated[bool, typer.Option()] = False,
+) -> None:
+    """Tune per-category thresholds on a labeled file; publish them as a new version (parent: the old one)."""
+    import numpy as np
+
+    from models.onnx_model import OnnxClassifier
+    from models.registry import ModelRegistry
+    from trainer.calibrate import CalibrationError, calibrate_thresholds, parse_targets, publish_calibrated
+
+    try:
+        targets = parse_targets(target_precision or [], target_recall or [])
+    except CalibrationError as exc:
+        raise UserError(str(exc)) from None
+    settings = load_settings()
+    loaded = load_examples(
+        data,
+        text_column=_parse_column(text_column),
+        label_column=_parse_column(label_column),
+        skip_bad_rows=skip_bad_rows,
+    )
+    for bad in loaded.bad_rows:
+        typer.echo(f"skipped {bad.path}:{bad.line}: {bad.reason}", err=True)
+    registry = ModelRegistry(settings.registry_dir)
+    version = model or registry.current()
+    if version is None:
+        raise UserError(f"no current model in {settings.registry_dir}; train one or pass --model VERSION")
+    card = registry.card(version)
+    classifier = OnnxClassifier(
+        registry.path(version), version=version, thresholds=card.thresholds, threads=2, max_seq_len=settings.max_seq_len
+    )
+    texts = [ex.text for ex in loaded.examples]
+    probs = np.concatenate([classifier.predict_proba(texts[i : i + 64]) for i in range(0, len(texts), 64)])
+    results = calibrate_thresholds(probs, [ex.label or "" for ex in loaded.examples], card.thresholds, targets)
+    typer.echo(f"model {version} on {len(texts)} texts")
+    typer.echo(f"{'label':<22}{'target':>16}{'threshold':>20}{'P':>8}{'R':>8}{'n':>6}")
+    for c in results:
+        numbers = f"{c.precision:>8.3f}{c.recall:>8.3f}" if c.reached else f"{'-':>8}{'-':>8}"
+        change = f"{c.previous:.3f} -> {c.threshold:.3f}" if c.reached else f"{c.previous:.3f} (kept)"
+        typer.echo(f"{c.label:<22}{c.target.metric + ' ' + str(c.target.value):>16}{change:>20}{numbers}{c.support:>6}")
+        if c.note:
+            typer.echo(f"  {c.label}: {c.note}", err=True)
+    if not any(c.reached for c in results):
+        raise UserError("no threshold was calibrated (see above); nothing published")
+    overridden = sorted(c.label for c in results if c.reached and c.label in settings.thresholds)
+    if overridden:
+        typer.echo(
+            f"note: settings (GUARDLOOP_THRESHOLDS) override {', '.join(overridden)}; services keep those values",
+            err=True,
+        )
+    new_version = publish_calibrated(
+        registry,
+        version,
+        results,
+        data_fingerprints=loaded.fingerprints,
+        n_examples=len(texts),
+        make_current=promote,
+    )
+    typer.echo(f"published {new_version} (parent {version}){' as current' if promote else ''}", err=True)
+    typer.echo(new_version)
+
+
 # --------------------------------------------------------------------------------------------- models
 def _registry() -> Any:
     from models.registry import ModelRegistry

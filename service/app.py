@@ -16,6 +16,7 @@ from guardloop import __version__
 from guardloop.settings import Settings
 from models.registry import ModelRegistry
 from service.batcher import MicroBatcher
+from service.errors import describe_validation_error
 from service.guideline_store import GuidelineStore, watch_guidelines
 from service.limits import BodySizeLimit
 from service.model_holder import ModelHolder
@@ -76,12 +77,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     @app.exception_handler(RequestValidationError)
     async def validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
-        # One readable line per problem ("body.texts.0: Input should be a valid string") instead of raw dicts.
-        problems = []
-        for err in exc.errors():
-            where = ".".join(str(p) for p in err.get("loc", ()))
-            problems.append(f"{where}: {err.get('msg', 'invalid')}" if where else err.get("msg", "invalid"))
-        return JSONResponse({"detail": "; ".join(problems)}, status_code=422)
+        return JSONResponse({"detail": describe_validation_error(exc)}, status_code=422)
 
     app.include_router(health.router)
     app.include_router(classify.router)

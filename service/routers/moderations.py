@@ -8,9 +8,10 @@ from fastapi import APIRouter, Request, Response
 
 from guardloop.labels import LABELS, SAFE_LABEL
 from service.classification import classify_texts
+from service.errors import OpenAIErrorRoute
 from service.schemas import ErrorResponse, ModerationRequest, ModerationResponse, ModerationResult
 
-router = APIRouter(tags=["openai-compatible"])
+router = APIRouter(tags=["openai-compatible"], route_class=OpenAIErrorRoute)
 
 MODEL_VERSION_HEADER = "X-Guardloop-Model-Version"
 

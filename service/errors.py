@@ -1,0 +1,51 @@
+"""How errors read: one line per problem, and OpenAI's error envelope on the OpenAI-compatible routes."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Coroutine
+from typing import Any
+
+from fastapi import HTTPException, Request, Response
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from fastapi.routing import APIRoute
+
+
+def describe_validation_error(exc: RequestValidationError) -> str:
+    """One readable line per problem ("body.texts.0: Input should be a valid string") instead of raw dicts."""
+    problems = []
+    for err in exc.errors():
+        where = ".".join(str(p) for p in err.get("loc", ()))
+        problems.append(f"{where}: {err.get('msg', 'invalid')}" if where else err.get("msg", "invalid"))
+    return "; ".join(problems)
+
+
+_OPENAI_ERROR_TYPES = {401: "authentication_error", 403: "permission_error", 429: "rate_limit_exceeded"}
+
+
+def openai_error_response(status_code: int, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
+    """Both envelopes: `detail` as on every guardloop route, `error` as OpenAI's clients read it."""
+    kind = _OPENAI_ERROR_TYPES.get(status_code, "server_error" if status_code >= 500 else "invalid_request_error")
+    body = {"detail": message, "error": {"message": message, "type": kind, "param": None, "code": None}}
+    return JSONResponse(body, status_code=status_code, headers=headers)
+
+
+class OpenAIErrorRoute(APIRoute):
+    """A route whose errors (validation, limits, auth, no model) also carry OpenAI's `error` object.
+
+    The official `openai` client puts only `error.message` into its exception text, so without this a
+    drop-in client would see "Error code: 422" and not what to fix.
+    """
+
+    def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
+        handler = super().get_route_handler()
+
+        async def handle(request: Request) -> Response:
+            try:
+                return await handler(request)
+            except RequestValidationError as exc:
+                return openai_error_response(422, describe_validation_error(exc))
+            except HTTPException as exc:
+                return openai_error_response(exc.status_code, str(exc.detail), exc.headers)
+
+        return handle

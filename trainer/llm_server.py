@@ -23,6 +23,7 @@ import threading
 import time
 from pathlib import Path
 from types import TracebackType
+from typing import IO
 
 import httpx
 
@@ -70,7 +71,7 @@ class LocalLLMServer:
         self.seed = seed
         self.port: int | None = None
         self._process: subprocess.Popen[bytes] | None = None
-        self._log_file: tempfile._TemporaryFileWrapper[bytes] | None = None
+        self._log_file: IO[bytes] | None = None
 
     @property
     def base_url(self) -> str:
@@ -129,7 +130,8 @@ class LocalLLMServer:
         model_path = self._model_path or smollm2_gguf()
         port = _free_loopback_port()
         # A file, not a pipe: nobody drains a pipe while the server runs, and a full pipe would block it.
-        self._log_file = tempfile.NamedTemporaryFile(prefix="guardloop-llm-", suffix=".log")  # noqa: SIM115
+        # An unnamed one: nothing is left behind in /tmp, even when this process is killed.
+        self._log_file = tempfile.TemporaryFile(prefix="guardloop-llm-")  # noqa: SIM115
         started = time.monotonic()
         self._process = subprocess.Popen(
             self._command(model_path, port),
@@ -181,7 +183,9 @@ class LocalLLMServer:
         """The last lines the server wrote (stdout and stderr together)."""
         if self._log_file is None:
             return ""
-        text = Path(self._log_file.name).read_bytes().decode("utf-8", errors="replace")
+        # pread: the child shares this file's offset; moving it would make the child overwrite its own output.
+        fd = self._log_file.fileno()
+        text = os.pread(fd, os.fstat(fd).st_size, 0).decode("utf-8", errors="replace")
         return "\n".join(text.splitlines()[-lines:])
 
     def stop(self, grace: float = 5.0, *, report_exit: bool = True) -> None:

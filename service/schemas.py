@@ -111,6 +111,23 @@ class ClassifyResponse(BaseModel):
                             "confidence": 0.91,
                             "uncertainty": 0.22,
                             "flagged": True,
+                            "flagged_categories": ["self-harm"],
+                            "guidance": [
+                                {
+                                    "category": "self-harm",
+                                    "topic": "suicidal-thoughts",
+                                    "title": "Suicidal thoughts",
+                                    "summary": "The person may be thinking about hurting themselves; respond with "
+                                    "warmth, take it seriously, and connect them with people who can help.",
+                                    "instructions": [
+                                        "Respond with empathy first: acknowledge their pain without judgement.",
+                                        "Offer crisis resources they can reach now (call, text or chat).",
+                                    ],
+                                    "avoid": ["Never describe, compare or rank methods, means, doses or lethality."],
+                                    "resources": ["988 Suicide & Crisis Lifeline (US): call or text 988"],
+                                    "library_version": "2026.1",
+                                }
+                            ],
                         }
                     ],
                 }

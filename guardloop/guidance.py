@@ -10,7 +10,8 @@ refine it and are picked by keywords found in the text, which costs microseconds
 
 from __future__ import annotations
 
-import re
+import string
+from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
 
@@ -22,6 +23,35 @@ from guardloop.labels import HARMFUL_BY_SEVERITY, HARMFUL_LABELS
 DEFAULT_LIBRARY_PATH = Path(__file__).parent / "guidelines" / "default.yaml"
 # A note, not a hard limit of YAML: an operator's file this large is almost certainly the wrong file.
 MAX_LIBRARY_BYTES = 1_048_576
+
+
+# Punctuation becomes a word break; str.translate + split runs in C, about 20 times faster than a regex
+# tokenizer, which matters for 4,000-character texts on the /classify path.
+# Typographic quotes and dashes, as escapes: curly apostrophes are common in chat text.
+_TYPOGRAPHIC = "\u2018\u2019\u201c\u201d\u00ab\u00bb\u2026\u2013\u2014\u00bf\u00a1"
+_PUNCTUATION_TO_SPACE = str.maketrans(dict.fromkeys(string.punctuation + _TYPOGRAPHIC, " "))
+
+
+def words_of(text: str) -> list[str]:
+    """Lower-cased words without punctuation: "Can't breathe!" -> ["can", "t", "breathe"]."""
+    return text.casefold().translate(_PUNCTUATION_TO_SPACE).split()
+
+
+@dataclass(frozen=True)
+class WordIndex:
+    """A text prepared once for keyword lookups by every topic of every flagged category."""
+
+    words: frozenset[str]
+    joined: str  # " word word ... ": a phrase matches as the substring " its words "
+
+    @classmethod
+    def of(cls, text: str) -> WordIndex:
+        words = words_of(text)
+        return cls(frozenset(words), " " + " ".join(words) + " ")
+
+    def contains(self, phrase: str) -> bool:
+        """`phrase` is a keyword already in words_of form, joined by single spaces."""
+        return phrase in self.words if " " not in phrase else f" {phrase} " in self.joined
 
 
 class GuidelineError(Exception):
@@ -47,16 +77,24 @@ class TopicGuideline(BaseModel):
 
     _clean_lists = field_validator("keywords", "instructions")(_non_empty_lines)
 
-    @cached_property
-    def pattern(self) -> re.Pattern[str]:
-        # Whole words/phrases only: "cut" must not match "shortcut"; spaces inside a phrase match any spacing.
-        # Longest first, so that "eating disorder" wins over "eating" inside the same alternation.
-        phrases = sorted((r"\s+".join(map(re.escape, k.split())) for k in self.keywords), key=len, reverse=True)
-        return re.compile(r"(?<!\w)(?:" + "|".join(phrases) + r")(?!\w)", re.IGNORECASE)
+    @field_validator("keywords")
+    @classmethod
+    def _keywords_have_words(cls, values: list[str]) -> list[str]:
+        for value in values:
+            if not words_of(value):
+                raise ValueError(f"keyword {value!r} has no letters or digits")
+        return values
 
-    def hits(self, text: str) -> int:
+    @cached_property
+    def phrases(self) -> frozenset[str]:
+        # Whole words only ("cut" never matches "shortcut"); case, spacing and punctuation do not matter, so
+        # "self-harm" and "self harm" are one keyword.
+        return frozenset(" ".join(words_of(keyword)) for keyword in self.keywords)
+
+    def hits(self, text: str | WordIndex) -> int:
         """How many different keywords of this topic occur in `text`."""
-        return len({" ".join(match.lower().split()) for match in self.pattern.findall(text)})
+        index = text if isinstance(text, WordIndex) else WordIndex.of(text)
+        return sum(index.contains(phrase) for phrase in self.phrases)
 
 
 class CategoryGuideline(BaseModel):
@@ -71,7 +109,7 @@ class CategoryGuideline(BaseModel):
 
     _clean_lists = field_validator("instructions", "avoid", "resources")(_non_empty_lines)
 
-    def best_topic(self, text: str) -> TopicGuideline | None:
+    def best_topic(self, text: str | WordIndex) -> TopicGuideline | None:
         """The topic with the most distinct keyword hits; ties go to the one listed first; None without hits."""
         best, best_hits = None, 0
         for topic in self.topics:
@@ -120,7 +158,7 @@ class GuidelineLibrary(BaseModel):
                 raise ValueError(f"categories.{label}: topic ids {', '.join(duplicates)} appear more than once")
         return self
 
-    def guidance(self, category: str, text: str) -> Guidance:
+    def guidance(self, category: str, text: str | WordIndex) -> Guidance:
         entry = self.categories[category]
         topic = entry.best_topic(text)
         return Guidance(
@@ -137,7 +175,8 @@ class GuidelineLibrary(BaseModel):
     def guidance_for(self, categories: tuple[str, ...] | list[str], text: str) -> list[Guidance]:
         """Guidance for each flagged category, most severe first (see HARMFUL_BY_SEVERITY)."""
         ordered = sorted(set(categories), key=HARMFUL_BY_SEVERITY.index)
-        return [self.guidance(category, text) for category in ordered]
+        index = WordIndex.of(text) if ordered else None
+        return [self.guidance(category, index) for category in ordered if index is not None]
 
 
 def load_library(path: Path) -> GuidelineLibrary:

@@ -93,6 +93,18 @@ def test_keywords_match_whole_words_only():
     assert library.guidance("legal-advice", "my parent said so").topic is None
 
 
+def test_case_spacing_and_punctuation_do_not_matter():
+    library = default_library()
+    assert library.guidance("emergency-situation", "he CAN\u2019T   breathe!!").topic == "medical-emergency"
+    assert library.guidance("legal-advice", "Landlord, again...").topic == "housing"
+
+
+def test_spelling_variants_of_one_keyword_count_once():
+    topic = next(t for t in default_library().categories["self-harm"].topics if t.id == "self-injury")
+    assert topic.hits("self-harm, self harm, SELF HARM") == 1
+    assert topic.hits("self harm and cutting") == 2
+
+
 def test_the_topic_with_most_keywords_wins_and_adds_its_instructions():
     library = default_library()
     category = library.categories["financial-advice"]
@@ -132,6 +144,7 @@ def _mutated(tmp_path: Path, mutate) -> Path:
             "housing appear more than once",
         ),
         (lambda d: d["categories"]["legal-advice"]["topics"][0].__setitem__("keywords", []), "keywords"),
+        (lambda d: d["categories"]["legal-advice"]["topics"][0]["keywords"].append("?!"), "no letters or digits"),
     ],
 )
 def test_invalid_libraries_are_refused_with_the_place_to_fix(tmp_path, mutate, fragment):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from functools import lru_cache
 from pathlib import Path
+from typing import Literal
 
 from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import (
@@ -51,6 +52,29 @@ class Settings(BaseSettings):
     # Response guidance
     guidelines_path: Path | None = Field(None, description="operator's guideline library (YAML); default: built in")
     guidelines_poll_seconds: float = Field(2.0, gt=0, description="how often the guideline file's mtime is checked")
+
+    # Pool of uncertain traffic and the reviewers' queue (SQLite file under data_dir unless database_url is set)
+    database_url: SecretStr | None = Field(
+        None, description="postgresql+psycopg://user:pass@host/db or sqlite:///path; unset: <data_dir>/guardloop.db"
+    )
+    pool_enabled: bool = Field(True, description="log uncertain /classify results (and a sample of the rest)")
+    pool_uncertainty_measure: Literal["entropy", "margin"] = Field(
+        "entropy", description="entropy: uncertainty above the threshold; margin: top-two gap below pool_margin"
+    )
+    pool_uncertainty_threshold: float = Field(0.5, ge=0, le=1, description="normalized entropy that counts as unsure")
+    pool_margin: float = Field(0.2, ge=0, le=1, description="top-two score gap below which a result counts as unsure")
+    pool_sample_rate: float = Field(0.02, ge=0, le=1, description="share of confident results pooled as well")
+    pool_queue_size: int = Field(10_000, ge=1, description="results waiting for the writer; beyond it they are dropped")
+    pool_batch_size: int = Field(256, ge=1, description="most results written in one transaction")
+    pool_flush_seconds: float = Field(0.5, gt=0, description="longest a result waits before its batch is written")
+    pool_redact: bool = Field(False, description="replace e-mail addresses, phone numbers and URLs before storing")
+    pool_retention_days: float = Field(30, gt=0, description="unlabeled pool items not seen for this long are purged")
+    pool_purge_interval_seconds: float = Field(3600, gt=0, description="how often the service runs the purge")
+    review_labels_per_item: int = Field(1, ge=1, le=9, description="labels per item; 2+: disagreement is adjudicated")
+    review_max_comment_chars: int = Field(2000, ge=0, le=10_000, description="longest reviewer comment accepted")
+    api_keys: dict[str, SecretStr] = Field(
+        default_factory=dict, description="client name -> API key for /classify; empty: no key needed"
+    )
 
     # Training
     seed: int = 13
@@ -105,6 +129,13 @@ class Settings(BaseSettings):
     @property
     def admin_token_value(self) -> str | None:
         return self.admin_token.get_secret_value() if self.admin_token else None
+
+    @property
+    def database_url_value(self) -> str:
+        """The configured database, or the SQLite file under the data directory."""
+        if self.database_url:
+            return self.database_url.get_secret_value()
+        return f"sqlite:///{(self.data_dir / 'guardloop.db').resolve()}"
 
 
 @lru_cache

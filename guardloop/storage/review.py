@@ -1,0 +1,426 @@
+"""The reviewers' side: the queue of requested items in priority order, labels with their history
+(corrections and undos retire rows, never rewrite them), adjudication of disagreements, and the final
+labels the trainer reads."""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import and_, exists, func, not_, select
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session
+
+from guardloop.labels import LABELS
+from guardloop.storage.db import Database
+from guardloop.storage.pool import StoredItem
+from guardloop.storage.tables import ADJUDICATION, NON_LABELS, REVIEW, Label, PoolItem, utcnow
+
+ANSWERS = (*LABELS, *NON_LABELS)
+MAX_COMMENT_CHARS = 10_000  # the API sets a tighter limit; this one protects every other caller
+
+
+class ReviewError(Exception):
+    """A review action that cannot be done; the message says why and what to do instead."""
+
+
+class ItemNotFound(ReviewError):
+    pass
+
+
+class NotRequested(ReviewError):
+    pass
+
+
+class AlreadyAnswered(ReviewError):
+    pass
+
+
+class ItemComplete(ReviewError):
+    pass
+
+
+class NothingToUndo(ReviewError):
+    pass
+
+
+class InvalidAnswer(ReviewError):
+    pass
+
+
+@dataclass(frozen=True)
+class LabelView:
+    id: int
+    item_id: int
+    reviewer: str
+    label: str
+    comment: str | None
+    kind: str
+    created_at: datetime
+    active: bool
+    superseded_by: int | None
+    retracted_at: datetime | None
+
+    @classmethod
+    def of(cls, row: Label) -> LabelView:
+        return cls(**{name: getattr(row, name) for name in cls.__dataclass_fields__})
+
+    def as_json(self) -> dict[str, Any]:
+        data = asdict(self)
+        for key in ("created_at", "retracted_at"):
+            data[key] = data[key].isoformat() if data[key] else None
+        return data
+
+
+@dataclass(frozen=True)
+class FinalLabel:
+    """An item whose label is settled: by one reviewer, by agreeing reviewers, or by adjudication."""
+
+    item_id: int
+    text: str
+    label: str
+    predicted: str
+    reviewers: list[str]
+    labeled_at: datetime
+    adjudicated: bool
+    request_reason: dict[str, Any] | None
+
+
+@dataclass
+class ReviewStats:
+    queue_length: int = 0  # items this reviewer can still answer
+    requested: int = 0
+    completed: int = 0
+    awaiting_adjudication: int = 0
+    my_labels: int = 0
+    my_skips: int = 0
+    by_reviewer: dict[str, int] = field(default_factory=dict)
+    by_label: dict[str, int] = field(default_factory=dict)
+
+
+def _live(kind: str) -> Any:
+    return and_(Label.item_id == PoolItem.id, Label.active.is_(True), Label.kind == kind)
+
+
+def _real_label_count() -> Any:
+    return select(func.count()).where(_live(REVIEW), Label.label.in_(LABELS)).correlate(PoolItem).scalar_subquery()
+
+
+class ReviewRepository:
+    def __init__(self, database: Database, *, labels_per_item: int = 1) -> None:
+        if labels_per_item < 1:
+            raise ValueError("labels_per_item must be at least 1")
+        self.database = database
+        self.labels_per_item = labels_per_item
+
+    # ------------------------------------------------------------------ the queue
+    def _open_for(self, reviewer: str) -> list[Any]:
+        return [
+            PoolItem.requested_at.is_not(None),
+            _real_label_count() < self.labels_per_item,
+            not_(exists().where(_live(REVIEW), Label.reviewer == reviewer)),
+            not_(exists().where(_live(ADJUDICATION))),
+        ]
+
+    def queue(self, reviewer: str, *, limit: int = 1) -> list[StoredItem]:
+        """The next items for `reviewer`: requested, still open, not yet answered by them; highest priority first."""
+        with self.database.read() as session:
+            rows = session.scalars(
+                select(PoolItem)
+                .where(*self._open_for(reviewer))
+                .order_by(PoolItem.priority.desc(), PoolItem.requested_at, PoolItem.id)
+                .limit(limit)
+            ).all()
+            return [StoredItem.of(row) for row in rows]
+
+    def queue_length(self, reviewer: str) -> int:
+        with self.database.read() as session:
+            return session.scalar(select(func.count()).select_from(PoolItem).where(*self._open_for(reviewer))) or 0
+
+    # ------------------------------------------------------------------ answering
+    def add_label(self, item_id: int, reviewer: str, label: str, comment: str | None = None) -> LabelView:
+        """Record `reviewer`'s answer (one of the six labels, skip or unsure) for a requested item."""
+        _check_answer(label, comment)
+        try:
+            with self.database.write() as session:
+                item = self._locked_item(session, item_id)
+                if item.requested_at is None:
+                    raise NotRequested(f"item {item_id} was not requested for review; take items from the queue")
+                if self._live_answer(session, item_id, reviewer, REVIEW) is not None:
+                    raise AlreadyAnswered(
+                        f"you already answered item {item_id}; to change your answer use PUT "
+                        f"/review/items/{item_id}/label (the old one stays in the history)"
+                    )
+                if self._adjudicated(session, item_id):
+                    raise ItemComplete(f"item {item_id} is already adjudicated")
+                if label in LABELS and self._real_count(session, item_id) >= self.labels_per_item:
+                    raise ItemComplete(f"item {item_id} already has the {self.labels_per_item} label(s) it needs")
+                row = Label(
+                    item_id=item_id,
+                    reviewer=reviewer,
+                    label=label,
+                    comment=comment,
+                    kind=REVIEW,
+                    created_at=utcnow(),
+                    active=True,
+                )
+                session.add(row)
+                session.flush()
+                return LabelView.of(row)
+        except IntegrityError:  # a concurrent request of the same reviewer won the race
+            raise AlreadyAnswered(f"you already answered item {item_id}") from None
+
+    def correct_label(self, item_id: int, reviewer: str, label: str, comment: str | None = None) -> LabelView:
+        """Replace `reviewer`'s live answer for the item; the old row stays, pointing at the new one."""
+        _check_answer(label, comment)
+        with self.database.write() as session:
+            self._locked_item(session, item_id)
+            old = self._live_answer(session, item_id, reviewer, REVIEW)
+            if old is None:
+                raise NothingToUndo(
+                    f"you have no answer for item {item_id} to correct; answer it first (POST .../label)"
+                )
+            if (
+                label in LABELS
+                and old.label not in LABELS
+                and self._real_count(session, item_id) >= self.labels_per_item
+            ):
+                raise ItemComplete(f"item {item_id} already has the {self.labels_per_item} label(s) it needs")
+            return LabelView.of(self._replace(session, old, label, comment, REVIEW))
+
+    def undo_last(self, reviewer: str) -> LabelView:
+        """Retract `reviewer`'s most recent live answer (a correction undone brings back the answer it replaced)."""
+        with self.database.write() as session:
+            last = session.scalars(
+                select(Label)
+                .where(Label.reviewer == reviewer, Label.active.is_(True))
+                .order_by(Label.created_at.desc(), Label.id.desc())
+                .limit(1)
+            ).first()
+            if last is None:
+                raise NothingToUndo("nothing to undo: you have no live answers")
+            self._locked_item(session, last.item_id)
+            last.active = False
+            last.retracted_at = utcnow()
+            session.flush()  # the live-answer index must see the old row retired before the previous one returns
+            previous = session.scalars(select(Label).where(Label.superseded_by == last.id)).first()
+            if previous is not None:
+                previous.active = True
+                previous.superseded_by = None
+            session.flush()
+            return LabelView.of(last)
+
+    def history(self, item_id: int) -> list[LabelView]:
+        with self.database.read() as session:
+            if session.get(PoolItem, item_id) is None:
+                raise ItemNotFound(f"no pool item {item_id}")
+            rows = session.scalars(select(Label).where(Label.item_id == item_id).order_by(Label.id)).all()
+            return [LabelView.of(row) for row in rows]
+
+    # ------------------------------------------------------------------ adjudication
+    def adjudication_queue(self, *, limit: int = 50) -> list[tuple[StoredItem, list[LabelView]]]:
+        """Items whose reviewers disagree (only possible with labels_per_item >= 2) and nobody adjudicated yet."""
+        distinct_labels = (
+            select(func.count(func.distinct(Label.label)))
+            .where(_live(REVIEW), Label.label.in_(LABELS))
+            .correlate(PoolItem)
+            .scalar_subquery()
+        )
+        with self.database.read() as session:
+            items = session.scalars(
+                select(PoolItem)
+                .where(
+                    PoolItem.requested_at.is_not(None),
+                    _real_label_count() >= self.labels_per_item,
+                    distinct_labels > 1,
+                    not_(exists().where(_live(ADJUDICATION))),
+                )
+                .order_by(PoolItem.priority.desc(), PoolItem.id)
+                .limit(limit)
+            ).all()
+            result = []
+            for item in items:
+                labels = session.scalars(
+                    select(Label)
+                    .where(Label.item_id == item.id, Label.active.is_(True), Label.kind == REVIEW)
+                    .order_by(Label.id)
+                ).all()
+                result.append((StoredItem.of(item), [LabelView.of(label) for label in labels]))
+            return result
+
+    def adjudicate(self, item_id: int, reviewer: str, label: str, comment: str | None = None) -> LabelView:
+        if label not in LABELS:
+            raise InvalidAnswer(f"an adjudication must be one of the six labels: {', '.join(LABELS)}")
+        _check_answer(label, comment)
+        with self.database.write() as session:
+            self._locked_item(session, item_id)
+            old = self._live_answer(session, item_id, None, ADJUDICATION)
+            if old is not None:
+                return LabelView.of(self._replace(session, old, label, comment, ADJUDICATION, reviewer=reviewer))
+            if not self._disputed(session, item_id):
+                raise ItemComplete(f"item {item_id} is not awaiting adjudication (its reviewers do not disagree)")
+            row = Label(
+                item_id=item_id,
+                reviewer=reviewer,
+                label=label,
+                comment=comment,
+                kind=ADJUDICATION,
+                created_at=utcnow(),
+                active=True,
+            )
+            session.add(row)
+            session.flush()
+            return LabelView.of(row)
+
+    def _disputed(self, session: Session, item_id: int) -> bool:
+        labels = session.scalars(
+            select(Label.label).where(
+                Label.item_id == item_id, Label.active.is_(True), Label.kind == REVIEW, Label.label.in_(LABELS)
+            )
+        ).all()
+        return len(labels) >= self.labels_per_item and len(set(labels)) > 1
+
+    # ------------------------------------------------------------------ results
+    def final_labels(self, *, since: datetime | None = None, cycle_id: str | None = None) -> list[FinalLabel]:
+        """Settled labels of requested items (what the trainer learns from), oldest first."""
+        with self.database.read() as session:
+            rows = session.execute(
+                select(Label, PoolItem)
+                .join(PoolItem, Label.item_id == PoolItem.id)
+                .where(Label.active.is_(True), Label.label.in_(LABELS), PoolItem.requested_at.is_not(None))
+                .order_by(Label.item_id, Label.id)
+            ).all()
+        by_item: dict[int, tuple[PoolItem, list[Label]]] = {}
+        for label, item in rows:
+            by_item.setdefault(item.id, (item, []))[1].append(label)
+        finals = []
+        for item, labels in by_item.values():
+            final = self._settle(item, labels)
+            if final is None:
+                continue
+            if since is not None and final.labeled_at <= since:
+                continue
+            if cycle_id is not None and (item.request_reason or {}).get("cycle_id") != cycle_id:
+                continue
+            finals.append(final)
+        return sorted(finals, key=lambda f: (f.labeled_at, f.item_id))
+
+    def _settle(self, item: PoolItem, labels: Sequence[Label]) -> FinalLabel | None:
+        adjudications = [label for label in labels if label.kind == ADJUDICATION]
+        reviews = [label for label in labels if label.kind == REVIEW]
+        if adjudications:
+            decided = adjudications[-1]
+            return FinalLabel(
+                item_id=item.id,
+                text=item.text,
+                label=decided.label,
+                predicted=item.label,
+                reviewers=[label.reviewer for label in reviews] + [decided.reviewer],
+                labeled_at=decided.created_at,
+                adjudicated=True,
+                request_reason=item.request_reason,
+            )
+        if len(reviews) < self.labels_per_item or len({label.label for label in reviews}) != 1:
+            return None
+        return FinalLabel(
+            item_id=item.id,
+            text=item.text,
+            label=reviews[0].label,
+            predicted=item.label,
+            reviewers=[label.reviewer for label in reviews],
+            labeled_at=max(label.created_at for label in reviews),
+            adjudicated=False,
+            request_reason=item.request_reason,
+        )
+
+    def stats(self, reviewer: str | None = None) -> ReviewStats:
+        stats = ReviewStats()
+        finals = self.final_labels()
+        stats.completed = len(finals)
+        stats.by_label = dict(Counter(final.label for final in finals))
+        stats.awaiting_adjudication = len(self.adjudication_queue(limit=1_000_000)) if self.labels_per_item > 1 else 0
+        with self.database.read() as session:
+            stats.requested = (
+                session.scalar(select(func.count()).select_from(PoolItem).where(PoolItem.requested_at.is_not(None)))
+                or 0
+            )
+            live_real = and_(Label.active.is_(True), Label.kind == REVIEW, Label.label.in_(LABELS))
+            stats.by_reviewer = dict(
+                session.execute(select(Label.reviewer, func.count()).where(live_real).group_by(Label.reviewer)).all()
+            )
+            if reviewer is not None:
+                stats.my_labels = stats.by_reviewer.get(reviewer, 0)
+                stats.my_skips = (
+                    session.scalar(
+                        select(func.count()).where(
+                            Label.reviewer == reviewer,
+                            Label.active.is_(True),
+                            Label.kind == REVIEW,
+                            Label.label.in_(NON_LABELS),
+                        )
+                    )
+                    or 0
+                )
+        if reviewer is not None:
+            stats.queue_length = self.queue_length(reviewer)
+        return stats
+
+    # ------------------------------------------------------------------ helpers
+    def _locked_item(self, session: Session, item_id: int) -> PoolItem:
+        # Row lock on PostgreSQL (SQLite's write transaction already holds the database lock).
+        item = session.scalars(select(PoolItem).where(PoolItem.id == item_id).with_for_update()).first()
+        if item is None:
+            raise ItemNotFound(f"no pool item {item_id}")
+        return item
+
+    def _live_answer(self, session: Session, item_id: int, reviewer: str | None, kind: str) -> Label | None:
+        conditions = [Label.item_id == item_id, Label.active.is_(True), Label.kind == kind]
+        if reviewer is not None:
+            conditions.append(Label.reviewer == reviewer)
+        return session.scalars(select(Label).where(*conditions)).first()
+
+    def _real_count(self, session: Session, item_id: int) -> int:
+        return (
+            session.scalar(
+                select(func.count()).where(
+                    Label.item_id == item_id,
+                    Label.active.is_(True),
+                    Label.kind == REVIEW,
+                    Label.label.in_(LABELS),
+                )
+            )
+            or 0
+        )
+
+    def _adjudicated(self, session: Session, item_id: int) -> bool:
+        return self._live_answer(session, item_id, None, ADJUDICATION) is not None
+
+    def _replace(
+        self, session: Session, old: Label, label: str, comment: str | None, kind: str, *, reviewer: str | None = None
+    ) -> Label:
+        old.active = False
+        session.flush()  # retire the old row first: the live-answer index allows one per reviewer and item
+        new = Label(
+            item_id=old.item_id,
+            reviewer=reviewer or old.reviewer,
+            label=label,
+            comment=comment,
+            kind=kind,
+            created_at=utcnow(),
+            active=True,
+        )
+        session.add(new)
+        session.flush()
+        old.superseded_by = new.id
+        session.flush()
+        return new
+
+
+def _check_answer(label: str, comment: str | None) -> None:
+    if label not in ANSWERS:
+        raise InvalidAnswer(f"unknown answer {label!r}; use one of {', '.join(ANSWERS)}")
+    if comment is not None and len(comment) > MAX_COMMENT_CHARS:
+        raise InvalidAnswer(f"comment has {len(comment)} characters, at most {MAX_COMMENT_CHARS}")

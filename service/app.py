@@ -8,19 +8,21 @@ import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
-from fastapi import FastAPI, Request
+from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 
 from guardloop import __version__
 from guardloop.settings import Settings
 from models.registry import ModelRegistry
+from service.auth import client_identity
 from service.batcher import MicroBatcher
 from service.errors import describe_validation_error
 from service.guideline_store import GuidelineStore, watch_guidelines
 from service.limits import BodySizeLimit
 from service.model_holder import ModelHolder
-from service.routers import classify, guidelines, health, models, moderations
+from service.routers import classify, guidelines, health, models, moderations, pool, review, review_page
+from service.storage_lifespan import open_storage
 
 log = logging.getLogger(__name__)
 
@@ -59,7 +61,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         watcher = asyncio.create_task(watch_registry(holder, settings.registry_poll_seconds))
         guideline_watcher = asyncio.create_task(watch_guidelines(guideline_store, settings.guidelines_poll_seconds))
         try:
-            yield
+            async with open_storage(app, settings):  # the database, the pool writer, the retention purge
+                yield
         finally:
             for task in (watcher, guideline_watcher):
                 task.cancel()
@@ -81,7 +84,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     app.include_router(health.router)
     app.include_router(classify.router)
-    app.include_router(moderations.router)
+    app.include_router(moderations.router, dependencies=[Depends(client_identity)])  # API keys, client id
     app.include_router(guidelines.router)
     app.include_router(models.router)
+    app.include_router(review.router)
+    app.include_router(review_page.router)
+    app.include_router(pool.router)
     return app

@@ -6,6 +6,7 @@ anything that must happen for every classified text (logging, metrics) live here
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 
 from fastapi import HTTPException, Request, status
@@ -13,6 +14,8 @@ from fastapi import HTTPException, Request, status
 from models.onnx_model import Verdict
 from service.batcher import NoModelLoaded
 from service.model_holder import LoadedModel
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -40,12 +43,34 @@ def check_limits(texts: list[str], max_texts: int, max_chars: int) -> None:
             )
 
 
-async def classify_texts(request: Request, texts: list[str]) -> ClassifiedTexts:
-    """Check the limits, classify `texts` through the micro-batcher, and return one verdict per text."""
+async def classify_texts(request: Request, texts: list[str], *, pooled: int | None = None) -> ClassifiedTexts:
+    """Check the limits, classify `texts` through the micro-batcher, and return one verdict per text.
+
+    The first `pooled` texts (default: all) are offered to the pool of uncertain traffic; pass fewer when
+    the others are not user messages (a conversation's context window).
+    """
     settings = request.app.state.settings
     check_limits(texts, settings.max_texts, settings.max_text_chars)
     try:
         probs, model = await request.app.state.batcher.predict(texts)
     except NoModelLoaded as exc:
         raise HTTPException(status.HTTP_503_SERVICE_UNAVAILABLE, "no model loaded yet; retry shortly") from exc
-    return ClassifiedTexts(texts, [model.classifier.verdict(row) for row in probs], model)
+    classified = ClassifiedTexts(texts, [model.classifier.verdict(row) for row in probs], model)
+    _offer_to_pool(request, classified, len(texts) if pooled is None else pooled)
+    return classified
+
+
+def _offer_to_pool(request: Request, classified: ClassifiedTexts, count: int) -> None:
+    """Queue the results the pool wants; never waits and never fails the request."""
+    pool = getattr(request.app.state, "pool", None)
+    if pool is None or count <= 0:
+        return
+    try:
+        pool.observe(
+            classified.texts[:count],
+            classified.verdicts[:count],
+            classified.model.version,
+            getattr(request.state, "client_id", None),
+        )
+    except Exception:
+        log.exception("pool logging failed; the request is answered anyway")

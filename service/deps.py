@@ -8,9 +8,11 @@ from typing import Annotated
 from fastapi import Depends, Header, HTTPException, Request, status
 
 from guardloop.settings import Settings
+from guardloop.storage import Database, StorageError
 from service.batcher import MicroBatcher
 from service.guideline_store import GuidelineStore
 from service.model_holder import ModelHolder
+from service.pool_writer import PoolLogger
 
 
 def get_settings(request: Request) -> Settings:
@@ -27,6 +29,20 @@ def get_batcher(request: Request) -> MicroBatcher:
 
 def get_guidelines(request: Request) -> GuidelineStore:
     return request.app.state.guidelines
+
+
+def get_database(request: Request) -> Database:
+    """The pool/review database, migrated; 503 while it cannot be reached. Sync: FastAPI runs it in a thread."""
+    database: Database = request.app.state.database
+    try:
+        database.ensure_schema()
+    except StorageError as exc:
+        raise HTTPException(status.HTTP_503_SERVICE_UNAVAILABLE, "database unavailable; retry shortly") from exc
+    return database
+
+
+def get_pool_logger(request: Request) -> PoolLogger | None:
+    return getattr(request.app.state, "pool", None)
 
 
 def bearer_token(authorization: str | None) -> str | None:
@@ -58,3 +74,5 @@ SettingsDep = Annotated[Settings, Depends(get_settings)]
 HolderDep = Annotated[ModelHolder, Depends(get_holder)]
 BatcherDep = Annotated[MicroBatcher, Depends(get_batcher)]
 GuidelinesDep = Annotated[GuidelineStore, Depends(get_guidelines)]
+DatabaseDep = Annotated[Database, Depends(get_database)]
+PoolLoggerDep = Annotated[PoolLogger | None, Depends(get_pool_logger)]

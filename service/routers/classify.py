@@ -2,9 +2,10 @@ from __future__ import annotations
 
 import uuid
 
-from fastapi import APIRouter, Request
+from fastapi import APIRouter, Depends, Request
 
 from models.onnx_model import Verdict
+from service.auth import client_identity
 from service.classification import check_limits, classify_texts
 from service.conversation import conversation_texts, pick_verdict
 from service.deps import GuidelinesDep, SettingsDep
@@ -24,7 +25,13 @@ def _classification(verdict: Verdict, text: str, guidelines: GuidelineStore) -> 
 @router.post(
     "/classify",
     response_model=ClassifyResponse,
-    responses={422: {"model": ErrorResponse}, 503: {"model": ErrorResponse}},
+    dependencies=[Depends(client_identity)],
+    responses={
+        401: {"model": ErrorResponse},
+        403: {"model": ErrorResponse},
+        422: {"model": ErrorResponse},
+        503: {"model": ErrorResponse},
+    },
     summary="Classify one or more user messages, or the last user turn of a conversation",
 )
 async def classify(
@@ -36,7 +43,7 @@ async def classify(
         )
         with_window = conversation.window is not None and settings.max_texts >= 2
         texts = [conversation.turn, conversation.window or ""] if with_window else [conversation.turn]
-        classified = await classify_texts(request, texts)
+        classified = await classify_texts(request, texts, pooled=1)  # the window is not a user message
         verdict, by_context = pick_verdict(classified.verdicts[0], classified.verdicts[1] if with_window else None)
         # Topic keywords are looked up in the text that was judged: with the context when it decided.
         judged = texts[1] if by_context else texts[0]

@@ -1,0 +1,82 @@
+"""Who is calling: API keys for /classify (only when some are configured) and reviewer tokens for /review.
+
+Secrets are compared in constant time and never logged; only names (client, reviewer) leave this module.
+The admin token check lives in service/deps.py (require_admin).
+"""
+
+from __future__ import annotations
+
+import hmac
+from typing import Annotated
+
+from fastapi import Depends, Header, HTTPException, Request, status
+
+from guardloop.settings import Settings
+from guardloop.storage import Database, DatabaseUnavailable, ReviewerRepository
+from service.deps import bearer_token, get_database, get_settings
+from service.pool_writer import MAX_CLIENT_ID_CHARS
+
+
+def _client_header(value: str | None) -> str | None:
+    # A self-declared client name for the pool (no keys configured): printable and short, or nothing.
+    if not value:
+        return None
+    cleaned = "".join(ch for ch in value.strip() if ch.isprintable())[:MAX_CLIENT_ID_CHARS]
+    return cleaned or None
+
+
+async def client_identity(
+    request: Request,
+    settings: Annotated[Settings, Depends(get_settings)],
+    authorization: Annotated[str | None, Header(include_in_schema=False)] = None,
+    x_api_key: Annotated[str | None, Header(include_in_schema=False)] = None,
+    x_client_id: Annotated[str | None, Header(description="your client's name, kept with pooled texts")] = None,
+) -> str | None:
+    """The caller's client name (kept with pooled texts as request.state.client_id).
+
+    With `api_keys` configured a valid key is required and names the client; otherwise X-Client-Id may.
+    """
+    if not settings.api_keys:
+        request.state.client_id = _client_header(x_client_id)
+        return request.state.client_id
+    presented = x_api_key or bearer_token(authorization)
+    if not presented:
+        raise HTTPException(
+            status.HTTP_401_UNAUTHORIZED,
+            "missing API key: send 'Authorization: Bearer <key>' or 'X-API-Key: <key>'",
+            headers={"WWW-Authenticate": "Bearer"},
+        )
+    matched: str | None = None
+    for name, key in settings.api_keys.items():  # every key is compared, so timing does not say which matched
+        if hmac.compare_digest(presented.encode(), key.get_secret_value().encode()):
+            matched = name
+    if matched is None:
+        raise HTTPException(status.HTTP_403_FORBIDDEN, "wrong API key")
+    request.state.client_id = matched
+    return matched
+
+
+def require_reviewer(
+    database: Annotated[Database, Depends(get_database)],
+    authorization: Annotated[str | None, Header(include_in_schema=False)] = None,
+) -> str:
+    """The reviewer's name for a valid `Authorization: Bearer <reviewer token>`."""
+    token = bearer_token(authorization)
+    if token is None:
+        raise HTTPException(
+            status.HTTP_401_UNAUTHORIZED,
+            "missing reviewer token: send 'Authorization: Bearer <token>' (an admin creates one with "
+            "`guardloop reviewers add NAME`)",
+            headers={"WWW-Authenticate": "Bearer"},
+        )
+    try:
+        name = ReviewerRepository(database).authenticate(token)
+    except DatabaseUnavailable:
+        raise HTTPException(status.HTTP_503_SERVICE_UNAVAILABLE, "database unavailable; retry shortly") from None
+    if name is None:
+        raise HTTPException(status.HTTP_403_FORBIDDEN, "unknown or revoked reviewer token")
+    return name
+
+
+ClientId = Annotated[str | None, Depends(client_identity)]
+ReviewerName = Annotated[str, Depends(require_reviewer)]

@@ -1,0 +1,143 @@
+"""Request and response bodies of the review API (/review/*) and the pool admin API (/admin/pool/*)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from guardloop.labels import LABELS
+from guardloop.storage import NON_LABELS, LabelView, StoredItem
+
+# A hard bound whatever the settings say; the configured limit (review_max_comment_chars) is checked in the route.
+COMMENT_HARD_LIMIT = 10_000
+
+
+class LabelBody(BaseModel):
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={
+            "examples": [{"label": "self-harm"}, {"label": "unsure", "comment": "sarcasm? cannot tell"}],
+        },
+    )
+
+    label: str = Field(max_length=64, description=f"one of {', '.join(LABELS)}, or {' / '.join(NON_LABELS)}")
+    comment: str | None = Field(None, max_length=COMMENT_HARD_LIMIT, description="optional note for the trainer")
+
+
+class AdjudicationBody(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    label: str = Field(max_length=64, description=f"one of {', '.join(LABELS)}")
+    comment: str | None = Field(None, max_length=COMMENT_HARD_LIMIT)
+
+
+class ScoreOut(BaseModel):
+    label: str
+    score: float
+
+
+class ReviewItem(BaseModel):
+    id: int
+    text: str = Field(description="the user's text as stored (redacted when pool_redact is on); render it as text")
+    predicted_label: str
+    scores: list[ScoreOut] = Field(description="all six, highest first")
+    uncertainty: float
+    margin: float
+    model_version: str
+    seen_count: int
+    reason: dict[str, Any] | None = Field(description="why the trainer picked it: strategy, cluster, uncertainty, ...")
+    priority: float
+    requested_at: str | None
+
+    @classmethod
+    def of(cls, item: StoredItem) -> ReviewItem:
+        ranked = sorted(item.scores.items(), key=lambda kv: kv[1], reverse=True)
+        return cls(
+            id=item.id,
+            text=item.text,
+            predicted_label=item.label,
+            scores=[ScoreOut(label=label, score=round(score, 4)) for label, score in ranked],
+            uncertainty=round(item.uncertainty, 4),
+            margin=round(item.margin, 4),
+            model_version=item.model_version,
+            seen_count=item.seen_count,
+            reason=item.request_reason,
+            priority=item.priority,
+            requested_at=item.requested_at.isoformat() if item.requested_at else None,
+        )
+
+
+class LabelOut(BaseModel):
+    id: int
+    item_id: int
+    reviewer: str
+    label: str
+    comment: str | None
+    kind: str
+    created_at: str
+    active: bool
+    superseded_by: int | None
+    retracted_at: str | None
+
+    @classmethod
+    def of(cls, view: LabelView) -> LabelOut:
+        return cls(**view.as_json())
+
+
+class QueueResponse(BaseModel):
+    items: list[ReviewItem]
+    queue_length: int = Field(description="items you can still answer")
+    my_labels: int = Field(description="your live labels (skips not counted)")
+    labels_per_item: int
+
+
+class UndoResponse(BaseModel):
+    undone: LabelOut
+    item: ReviewItem = Field(description="the item whose label was undone, to show it again")
+
+
+class ItemHistory(BaseModel):
+    item: ReviewItem
+    labels: list[LabelOut] = Field(description="every answer ever given, oldest first, with corrections and undos")
+
+
+class ReviewStatsOut(BaseModel):
+    reviewer: str
+    queue_length: int
+    my_labels: int
+    my_skips: int
+    requested: int
+    completed: int
+    awaiting_adjudication: int
+    labels_per_item: int
+    by_reviewer: dict[str, int]
+    by_label: dict[str, int]
+
+
+class AdjudicationItem(BaseModel):
+    item: ReviewItem
+    labels: list[LabelOut]
+
+
+class WriterCountersOut(BaseModel):
+    offered: int
+    written: int
+    duplicates: int
+    dropped: int
+    write_errors: int
+    queued: int
+    last_error: str | None
+    last_write_at: str | None
+
+
+class PoolStatusOut(BaseModel):
+    enabled: bool
+    writer: WriterCountersOut | None
+    pool: dict[str, Any] | None = Field(description="row counts; null while the database is unavailable")
+    database_error: str | None = None
+
+
+class PurgeOut(BaseModel):
+    purged: int
+    older_than: str

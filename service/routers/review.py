@@ -1,0 +1,232 @@
+"""The review API: the queue of requested items, labels (with corrections, undo and history), stats,
+adjudication. Every route needs a reviewer token. Handlers are plain functions: FastAPI runs them in worker
+threads, so database calls never block the event loop (and /classify)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Annotated
+
+from fastapi import APIRouter, HTTPException, Query, status
+
+from guardloop.labels import LABELS, UnknownLabelError, parse_label
+from guardloop.storage import (
+    NON_LABELS,
+    AlreadyAnswered,
+    DatabaseUnavailable,
+    InvalidAnswer,
+    ItemComplete,
+    ItemNotFound,
+    NothingToUndo,
+    NotRequested,
+    PoolRepository,
+    ReviewError,
+    ReviewRepository,
+)
+from service.auth import ReviewerName
+from service.deps import DatabaseDep, SettingsDep
+from service.review_schemas import (
+    AdjudicationBody,
+    AdjudicationItem,
+    ItemHistory,
+    LabelBody,
+    LabelOut,
+    QueueResponse,
+    ReviewItem,
+    ReviewStatsOut,
+    UndoResponse,
+)
+from service.schemas import ErrorResponse
+
+router = APIRouter(
+    prefix="/review",
+    tags=["review"],
+    responses={
+        401: {"model": ErrorResponse, "description": "no reviewer token"},
+        403: {"model": ErrorResponse, "description": "unknown or revoked reviewer token"},
+        503: {"model": ErrorResponse, "description": "database unavailable"},
+    },
+)
+
+_STATUS_OF = {
+    ItemNotFound: status.HTTP_404_NOT_FOUND,
+    NotRequested: status.HTTP_409_CONFLICT,
+    AlreadyAnswered: status.HTTP_409_CONFLICT,
+    ItemComplete: status.HTTP_409_CONFLICT,
+    NothingToUndo: status.HTTP_409_CONFLICT,
+    InvalidAnswer: status.HTTP_422_UNPROCESSABLE_CONTENT,
+}
+
+
+@contextmanager
+def review_errors() -> Iterator[None]:
+    try:
+        yield
+    except ReviewError as exc:
+        raise HTTPException(_STATUS_OF.get(type(exc), status.HTTP_409_CONFLICT), str(exc)) from None
+    except DatabaseUnavailable:
+        raise HTTPException(status.HTTP_503_SERVICE_UNAVAILABLE, "database unavailable; retry shortly") from None
+
+
+def parse_answer(raw: str, *, allow_non_labels: bool = True) -> str:
+    """One of the six labels (aliases and case ignored), or skip/unsure where allowed."""
+    key = raw.strip().lower()
+    if allow_non_labels and key in NON_LABELS:
+        return key
+    try:
+        return parse_label(raw)
+    except UnknownLabelError:
+        accepted = [*LABELS, *NON_LABELS] if allow_non_labels else list(LABELS)
+        raise HTTPException(
+            status.HTTP_422_UNPROCESSABLE_CONTENT, f"unknown label {raw[:64]!r}; use one of {', '.join(accepted)}"
+        ) from None
+
+
+def checked_comment(comment: str | None, limit: int) -> str | None:
+    if comment is None or not comment.strip():
+        return None
+    if len(comment) > limit:
+        raise HTTPException(
+            status.HTTP_422_UNPROCESSABLE_CONTENT,
+            f"comment has {len(comment)} characters, at most {limit} allowed; shorten it",
+        )
+    return comment.strip()
+
+
+def _reviews(database: DatabaseDep, settings: SettingsDep) -> ReviewRepository:
+    return ReviewRepository(database, labels_per_item=settings.review_labels_per_item)
+
+
+def _item(database: DatabaseDep, item_id: int) -> ReviewItem:
+    item = PoolRepository(database).get(item_id)
+    if item is None:
+        raise HTTPException(status.HTTP_404_NOT_FOUND, f"no pool item {item_id}")
+    return ReviewItem.of(item)
+
+
+@router.get("/queue", response_model=QueueResponse, summary="The next items for you, highest priority first")
+def queue(
+    reviewer: ReviewerName,
+    database: DatabaseDep,
+    settings: SettingsDep,
+    limit: Annotated[int, Query(ge=1, le=100, description="how many items")] = 1,
+) -> QueueResponse:
+    reviews = _reviews(database, settings)
+    with review_errors():
+        items = reviews.queue(reviewer, limit=limit)
+        stats = reviews.stats(reviewer)
+    return QueueResponse(
+        items=[ReviewItem.of(item) for item in items],
+        queue_length=stats.queue_length,
+        my_labels=stats.my_labels,
+        labels_per_item=settings.review_labels_per_item,
+    )
+
+
+@router.post(
+    "/items/{item_id}/label",
+    response_model=LabelOut,
+    status_code=status.HTTP_201_CREATED,
+    responses={404: {"model": ErrorResponse}, 409: {"model": ErrorResponse}, 422: {"model": ErrorResponse}},
+    summary="Answer an item: one of the six labels, or skip / unsure (with an optional comment)",
+)
+def add_label(
+    item_id: int, body: LabelBody, reviewer: ReviewerName, database: DatabaseDep, settings: SettingsDep
+) -> LabelOut:
+    label = parse_answer(body.label)
+    comment = checked_comment(body.comment, settings.review_max_comment_chars)
+    with review_errors():
+        return LabelOut.of(_reviews(database, settings).add_label(item_id, reviewer, label, comment))
+
+
+@router.put(
+    "/items/{item_id}/label",
+    response_model=LabelOut,
+    responses={404: {"model": ErrorResponse}, 409: {"model": ErrorResponse}, 422: {"model": ErrorResponse}},
+    summary="Correct your answer for an item (the old one stays in the history)",
+)
+def correct_label(
+    item_id: int, body: LabelBody, reviewer: ReviewerName, database: DatabaseDep, settings: SettingsDep
+) -> LabelOut:
+    label = parse_answer(body.label)
+    comment = checked_comment(body.comment, settings.review_max_comment_chars)
+    with review_errors():
+        return LabelOut.of(_reviews(database, settings).correct_label(item_id, reviewer, label, comment))
+
+
+@router.post(
+    "/undo",
+    response_model=UndoResponse,
+    responses={409: {"model": ErrorResponse}},
+    summary="Retract your most recent answer; its item goes back to your queue",
+)
+def undo(reviewer: ReviewerName, database: DatabaseDep, settings: SettingsDep) -> UndoResponse:
+    with review_errors():
+        undone = _reviews(database, settings).undo_last(reviewer)
+        return UndoResponse(undone=LabelOut.of(undone), item=_item(database, undone.item_id))
+
+
+@router.get(
+    "/items/{item_id}",
+    response_model=ItemHistory,
+    responses={404: {"model": ErrorResponse}},
+    summary="One item with every answer it ever got",
+)
+def item_history(item_id: int, reviewer: ReviewerName, database: DatabaseDep, settings: SettingsDep) -> ItemHistory:
+    with review_errors():
+        labels = _reviews(database, settings).history(item_id)
+        return ItemHistory(item=_item(database, item_id), labels=[LabelOut.of(label) for label in labels])
+
+
+@router.get("/stats", response_model=ReviewStatsOut, summary="Queue length, your counts, and the team's")
+def stats(reviewer: ReviewerName, database: DatabaseDep, settings: SettingsDep) -> ReviewStatsOut:
+    with review_errors():
+        result = _reviews(database, settings).stats(reviewer)
+    return ReviewStatsOut(
+        reviewer=reviewer,
+        queue_length=result.queue_length,
+        my_labels=result.my_labels,
+        my_skips=result.my_skips,
+        requested=result.requested,
+        completed=result.completed,
+        awaiting_adjudication=result.awaiting_adjudication,
+        labels_per_item=settings.review_labels_per_item,
+        by_reviewer=result.by_reviewer,
+        by_label=result.by_label,
+    )
+
+
+@router.get(
+    "/adjudication",
+    response_model=list[AdjudicationItem],
+    summary="Items whose reviewers disagree (labels_per_item >= 2), waiting for a deciding label",
+)
+def adjudication_queue(
+    reviewer: ReviewerName,
+    database: DatabaseDep,
+    settings: SettingsDep,
+    limit: Annotated[int, Query(ge=1, le=500)] = 50,
+) -> list[AdjudicationItem]:
+    with review_errors():
+        disputed = _reviews(database, settings).adjudication_queue(limit=limit)
+    return [
+        AdjudicationItem(item=ReviewItem.of(item), labels=[LabelOut.of(label) for label in labels])
+        for item, labels in disputed
+    ]
+
+
+@router.post(
+    "/items/{item_id}/adjudicate",
+    response_model=LabelOut,
+    status_code=status.HTTP_201_CREATED,
+    responses={404: {"model": ErrorResponse}, 409: {"model": ErrorResponse}, 422: {"model": ErrorResponse}},
+    summary="Decide a disputed item (a later adjudication replaces an earlier one, history kept)",
+)
+def adjudicate(
+    item_id: int, body: AdjudicationBody, reviewer: ReviewerName, database: DatabaseDep, settings: SettingsDep
+) -> LabelOut:
+    label = parse_answer(body.label, allow_non_labels=False)
+    comment = checked_comment(body.comment, settings.review_max_comment_chars)
+    with review_errors():
+        return LabelOut.of(_reviews(database, settings).adjudicate(item_id, reviewer, label, comment))

@@ -5,6 +5,7 @@ User errors end with one readable line on stderr and exit code 2, never a traceb
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import sys
@@ -50,6 +51,9 @@ def _user_errors() -> tuple[type[BaseException], ...]:
         errors.append(BaseModelMissing)
     except ImportError:  # serve-only install: no trainer dependencies
         pass
+    from guardloop.storage import ReviewError, StorageError
+
+    errors += [StorageError, ReviewError]
     return tuple(errors)
 
 
@@ -91,6 +95,9 @@ def serve(
     host: Annotated[str | None, typer.Option(help="bind address (default: settings, 127.0.0.1)")] = None,
     port: Annotated[int | None, typer.Option(help="port (default: settings, 8000)")] = None,
     bootstrap: Annotated[bool, typer.Option(help="train a model from the seed data if the registry is empty")] = True,
+    with_trainer: Annotated[
+        bool, typer.Option(help="also run the scheduled active-learning cycle in this process")
+    ] = False,
 ) -> None:
     """Serve POST /classify; with an empty registry, first train a bootstrap model from the seed data."""
     import uvicorn
@@ -102,9 +109,43 @@ def serve(
     settings = load_settings()
     registry = ModelRegistry(settings.registry_dir)
     if registry.current() is None and bootstrap:
+        from trainer.cycle import train_bootstrap_model
+
         typer.echo("no model in the registry yet: training a bootstrap model from the seed data", err=True)
-        _train(settings, [SEED_DIR / "train.jsonl"], SEED_DIR / "eval.jsonl", progress=True)
-    uvicorn.run(create_app(settings), host=host or settings.host, port=port or settings.port, log_level="info")
+        version = train_bootstrap_model(settings, registry)
+        typer.echo(f"published bootstrap model {version}", err=True)
+    scheduler = None
+    if with_trainer:
+        from trainer.cycle import build_cycle_runner
+        from trainer.scheduler import build_scheduler
+
+        runner = build_cycle_runner(settings)
+        scheduler = build_scheduler(settings, _guarded(runner.run), blocking=False)
+        scheduler.start()
+    try:
+        uvicorn.run(create_app(settings), host=host or settings.host, port=port or settings.port, log_level="info")
+    finally:
+        if scheduler is not None:
+            scheduler.shutdown(wait=False)
+
+
+def _guarded(run: Callable[[], Any]) -> Callable[[], None]:
+    """A scheduled cycle logs what stopped it (busy lock, failure) instead of killing the scheduler."""
+
+    def job() -> None:
+        from trainer.cycle import CycleBusy
+
+        try:
+            cycle = run()
+            logging.getLogger("guardloop.trainer").info(
+                "cycle %s ended this run as %s%s", cycle.id, cycle.status, f": {cycle.reason}" if cycle.reason else ""
+            )
+        except CycleBusy as exc:
+            logging.getLogger("guardloop.trainer").info("cycle skipped: %s", exc)
+        except Exception:
+            logging.getLogger("guardloop.trainer").exception("cycle run failed")
+
+    return job
 
 
 # --------------------------------------------------------------------------------------------- train
@@ -345,6 +386,184 @@ def calibrate(
     typer.echo(new_version)
 
 
+# --------------------------------------------------------------------------------------------- cycle
+cycles_app = typer.Typer(help="Records of active-learning cycles.", no_args_is_help=True)
+app.add_typer(cycles_app, name="cycles")
+
+
+def _print_cycle(cycle: Any) -> None:
+    typer.echo(f"cycle {cycle.id}: {cycle.status}" + (f" ({cycle.reason})" if cycle.reason else ""))
+    for step in cycle.steps:
+        extra = {k: v for k, v in step.items() if k not in ("step", "seconds")}
+        typer.echo(f"  {step['step']:<22}{step['seconds']:>8.1f}s  {json.dumps(extra) if extra else ''}")
+    if cycle.model_version:
+        typer.echo(f"  published {cycle.model_version}")
+
+
+@app.command()
+@friendly_errors
+def cycle(
+    now: Annotated[bool, typer.Option("--now", help="run one cycle now (required: the schedule is `trainer`)")] = False,
+    oracle: Annotated[Path | None, typer.Option(help="labeled file that answers the label requests")] = None,
+    strategy: Annotated[str | None, typer.Option(help="random, topn, coreset or cluster (default: settings)")] = None,
+    budget: Annotated[int | None, typer.Option(min=1, help="labels to request (default: settings)")] = None,
+) -> None:
+    """Run (or resume) one active-learning cycle by hand, with progress."""
+    if not now:
+        raise UserError("say --now to run a cycle by hand; `guardloop trainer` runs them on a schedule")
+    _setup_logging()
+    from trainer.cycle import CycleBusy, build_cycle_runner
+
+    updates = {k: v for k, v in {"cycle_strategy": strategy, "cycle_budget": budget}.items() if v is not None}
+    if strategy is not None and strategy not in ("random", "topn", "coreset", "cluster"):
+        raise UserError(f"unknown strategy {strategy!r}; choose from random, topn, coreset, cluster")
+    settings = load_settings().model_copy(update=updates)
+    runner = build_cycle_runner(settings, oracle=oracle, progress=True)
+    try:
+        result = runner.run()
+    except CycleBusy as exc:
+        raise UserError(str(exc)) from None
+    _print_cycle(result)
+    if result.status == "failed":
+        raise typer.Exit(1)
+
+
+@app.command()
+@friendly_errors
+def trainer() -> None:
+    """The trainer process: runs the active-learning cycle on the configured schedule (interval or cron)."""
+    _setup_logging()
+    from trainer.cycle import build_cycle_runner
+    from trainer.scheduler import ScheduleError, build_scheduler
+
+    settings = load_settings()
+    try:
+        scheduler = build_scheduler(settings, _guarded(build_cycle_runner(settings).run), blocking=True)
+    except ScheduleError as exc:
+        raise UserError(str(exc)) from None
+    typer.echo(f"trainer: cycles on {scheduler.get_job('cycle').trigger}", err=True)
+    scheduler.start()
+
+
+@cycles_app.command("list")
+@friendly_errors
+def cycles_list(limit: Annotated[int, typer.Option(min=1)] = 20) -> None:
+    """Recent cycles, newest first."""
+    from guardloop.storage import Database
+    from guardloop.storage.cycles import CycleRepository
+
+    database = Database(load_settings().database_url_value)
+    database.ensure_schema()
+    rows = CycleRepository(database).recent(limit)
+    if not rows:
+        typer.echo("no cycles yet")
+    for row in rows:
+        typer.echo(
+            f"{row.id}  {row.status:<16}{row.started_at:%Y-%m-%d %H:%M}  {row.model_version or '-'}  {row.reason or ''}"
+        )
+
+
+@cycles_app.command("show")
+@friendly_errors
+def cycles_show(cycle_id: str, as_json: Annotated[bool, typer.Option("--json")] = False) -> None:
+    """One cycle's record: status, steps with durations, counts, metrics."""
+    from guardloop.storage import Database
+    from guardloop.storage.cycles import CycleRepository
+
+    database = Database(load_settings().database_url_value)
+    database.ensure_schema()
+    row = CycleRepository(database).get(cycle_id)
+    if row is None:
+        raise UserError(f"no cycle {cycle_id!r}; see `guardloop cycles list`")
+    if as_json:
+        typer.echo(json.dumps(row.as_json()))
+    else:
+        _print_cycle(row)
+
+
+# --------------------------------------------------------------------------------------------- simulate
+@app.command()
+@friendly_errors
+def simulate(
+    pool: Annotated[Path, typer.Option(help="labeled file whose labels play the reviewers (oracle)")],
+    seed_data: Annotated[Path, typer.Option(help="labeled seed set the first model is trained on")],
+    dev: Annotated[Path, typer.Option(help="labeled file for early stopping")],
+    eval_data: Annotated[
+        Path | None, typer.Option("--eval", help="held-out labeled file (default: --eval-fraction of the pool)")
+    ] = None,
+    eval_fraction: Annotated[float, typer.Option(min=0.05, max=0.9)] = 0.3,
+    strategy: Annotated[list[str] | None, typer.Option(help="random, topn, coreset, cluster (repeatable)")] = None,
+    iterations: Annotated[int, typer.Option(min=1)] = 5,
+    per_iteration: Annotated[int, typer.Option(min=1)] = 20,
+    variations: Annotated[int, typer.Option(min=0, help="LLM variations per labeled item (0: none)")] = 5,
+    clusters: Annotated[int | None, typer.Option(min=2, help="k-means K for cluster (default: per-iteration)")] = None,
+    seed: Annotated[list[int] | None, typer.Option(help="random seed (repeatable)")] = None,
+    epochs: Annotated[int, typer.Option(min=1)] = 6,
+    as_json: Annotated[bool, typer.Option("--json", help="one JSON object on stdout")] = False,
+) -> None:
+    """The whole loop with oracle labels: per iteration the acquired class counts, their std, and eval macro-F1."""
+    strategies = strategy or ["cluster"]
+    seeds = seed or [13]
+    from trainer.strategies import STRATEGIES
+
+    unknown = [name for name in strategies if name not in STRATEGIES]
+    if unknown:
+        raise UserError(f"unknown strategy {unknown[0]!r}; choose from {', '.join(STRATEGIES)}")
+    pool_data = load_examples([pool]).examples
+    seed_examples = load_examples([seed_data]).examples
+    dev_examples = load_examples([dev]).examples
+    eval_examples = load_examples([eval_data]).examples if eval_data else None
+
+    _setup_logging()
+    from trainer.finetune import FineTuneConfig
+    from trainer.simulate import Simulation, llm_variation_maker, stratified_split
+    from trainer.variations import VariationGenerator
+
+    settings = load_settings().model_copy(update={"llm_variations": max(variations, 1)})
+    results = []
+    with VariationGenerator.from_settings(settings) if variations else contextlib.nullcontext() as generator:
+        for seed_value in seeds:
+            pool_part, held_out = (
+                (pool_data, eval_examples) if eval_examples else stratified_split(pool_data, eval_fraction, seed_value)
+            )
+            for name in strategies:
+                sim = Simulation(
+                    pool=pool_part,
+                    seed_data=seed_examples,
+                    dev=dev_examples,
+                    eval_data=held_out,
+                    strategy=name,
+                    iterations=iterations,
+                    per_iteration=per_iteration,
+                    make_variations=llm_variation_maker(generator) if generator else None,
+                    cache_dir=settings.data_dir / "cache",
+                    config=FineTuneConfig(seed=seed_value, epochs=epochs, patience=2),
+                    n_clusters=clusters,
+                )
+
+                def show(it: Any, _name: str = name, _seed: int = seed_value) -> None:
+                    typer.echo(
+                        f"{_name:<8} seed {_seed:<4} it {it.iteration}: labels "
+                        + " ".join(f"{n}" for n in it.acquired.values())
+                        + f" (std {it.std_labels:.1f}; with variations std {it.std_with_variations:.1f}, "
+                        f"{it.variations_accepted} new variations)  eval macro-F1 {it.eval_macro_f1:.4f}  "
+                        f"{it.seconds:.0f}s",
+                        err=True,
+                    )
+
+                results.append(sim.run(on_iteration=show).as_dict())
+    if as_json:
+        typer.echo(json.dumps({"runs": results, "labels": list(LABELS)}))
+        return
+    typer.echo(f"{'strategy':<10}{'seed':>6}{'std labels':>12}{'std +var':>10}{'base F1':>9}{'final F1':>10}")
+    for run in results:
+        last = run["iterations"][-1]
+        typer.echo(
+            f"{run['strategy']:<10}{run['seed']:>6}{last['std_labels']:>12.1f}{last['std_with_variations']:>10.1f}"
+            f"{run['baseline_macro_f1']:>9.4f}{last['eval_macro_f1']:>10.4f}"
+        )
+
+
 # --------------------------------------------------------------------------------------------- models
 def _registry() -> Any:
     from models.registry import ModelRegistry
@@ -504,6 +723,173 @@ def bench_classify(
     from guardloop.bench import run_classify_bench
 
     run_classify_bench(url, requests=requests, concurrency=concurrency, reference=reference, api_key=api_key)
+
+
+# --------------------------------------------------------------------------------------------- pool, reviewers
+pool_app = typer.Typer(help="The pool of uncertain traffic: stats, export, purge.", no_args_is_help=True)
+reviewers_app = typer.Typer(help="Reviewer accounts for /review: add, list, rotate, revoke.", no_args_is_help=True)
+app.add_typer(pool_app, name="pool")
+app.add_typer(reviewers_app, name="reviewers")
+
+
+def _database() -> Any:
+    """The configured database (GUARDLOOP_DATABASE_URL, else <data_dir>/guardloop.db), migrated."""
+    from guardloop.storage import Database
+
+    database = Database(load_settings().database_url_value)
+    database.ensure_schema()
+    return database
+
+
+@pool_app.command("stats")
+@friendly_errors
+def pool_stats(as_json: Annotated[bool, typer.Option("--json", help="one JSON object on stdout")] = False) -> None:
+    """How many items the pool holds, why they were kept, how many are requested and labeled."""
+    from guardloop.storage import PoolRepository
+
+    stats = PoolRepository(_database()).stats()
+    if as_json:
+        typer.echo(json.dumps(stats.as_json()))
+        return
+    typer.echo(f"items            {stats.items} ({stats.seen_total} sightings)")
+    typer.echo(f"  uncertain      {stats.uncertain_items}")
+    typer.echo(f"  random sample  {stats.sampled_items}")
+    typer.echo(f"requested        {stats.requested_items}")
+    typer.echo(f"labeled          {stats.labeled_items}")
+    typer.echo(f"first seen       {stats.oldest_first_seen or '-'}")
+    typer.echo(f"last seen        {stats.newest_last_seen or '-'}")
+    for label, count in sorted(stats.by_label.items()):
+        typer.echo(f"  predicted {label:<22}{count:>8}")
+
+
+@pool_app.command("export")
+@friendly_errors
+def pool_export(
+    export_format: Annotated[str, typer.Option("--format", help="jsonl (one JSON object per line)")] = "jsonl",
+    output: Annotated[Path | None, typer.Option(help="file to write (default: stdout)")] = None,
+    requested_only: Annotated[bool, typer.Option(help="only items requested for labeling")] = False,
+) -> None:
+    """Every pool item with its text, prediction, scores, counts and request reason."""
+    import os
+    import tempfile
+
+    from guardloop.storage import PoolRepository
+
+    if export_format != "jsonl":
+        raise UserError(f"unsupported format {export_format!r}; use --format jsonl")
+    rows = PoolRepository(_database()).export(requested_only=requested_only)
+    if output is None:
+        count = 0
+        for row in rows:
+            typer.echo(json.dumps(row, ensure_ascii=False))
+            count += 1
+        typer.echo(f"exported {count} items", err=True)
+        return
+    if output.parent and not output.parent.is_dir():
+        raise UserError(f"{output.parent}: no such directory")
+    # Written next to the target and renamed into place: a failed export leaves no half file.
+    fd, tmp_name = tempfile.mkstemp(dir=output.parent or Path("."), prefix=f".{output.name}.", suffix=".tmp")
+    count = 0
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as handle:
+            for row in rows:
+                handle.write(json.dumps(row, ensure_ascii=False) + "\n")
+                count += 1
+        os.replace(tmp_name, output)
+    except BaseException:
+        Path(tmp_name).unlink(missing_ok=True)
+        raise
+    typer.echo(f"exported {count} items to {output}", err=True)
+
+
+@pool_app.command("purge")
+@friendly_errors
+def pool_purge(
+    older_than_days: Annotated[
+        float | None, typer.Option(min=0, help="age in days (default: the pool_retention_days setting)")
+    ] = None,
+    include_labeled: Annotated[bool, typer.Option(help="also delete labeled items (the training set)")] = False,
+) -> None:
+    """Delete items not seen for the retention period; labeled items stay unless --include-labeled."""
+    from datetime import UTC, datetime, timedelta
+
+    from guardloop.storage import PoolRepository
+
+    days = load_settings().pool_retention_days if older_than_days is None else older_than_days
+    cutoff = datetime.now(UTC) - timedelta(days=days)
+    purged = PoolRepository(_database()).purge(older_than=cutoff, include_labeled=include_labeled)
+    typer.echo(f"purged {purged} items not seen since {cutoff:%Y-%m-%d %H:%M} UTC")
+
+
+@reviewers_app.command("add")
+@friendly_errors
+def reviewers_add(name: Annotated[str, typer.Argument(help="the reviewer's name (letters, digits, . _ @ -)")]) -> None:
+    """Create a reviewer and print their token once; only its hash is stored."""
+    from guardloop.storage import ReviewerRepository
+
+    token = ReviewerRepository(_database()).add(name)
+    typer.echo(token)
+    typer.echo(f"reviewer {name} added; the token above is shown only now: hand it over privately", err=True)
+
+
+@reviewers_app.command("rotate")
+@friendly_errors
+def reviewers_rotate(name: str) -> None:
+    """Give a reviewer a new token (the old one stops working); prints it once."""
+    from guardloop.storage import ReviewerRepository
+
+    token = ReviewerRepository(_database()).rotate(name)
+    typer.echo(token)
+    typer.echo(f"new token for {name}; the old one no longer works", err=True)
+
+
+@reviewers_app.command("revoke")
+@friendly_errors
+def reviewers_revoke(name: str) -> None:
+    """Stop a reviewer's token from working (their labels stay)."""
+    from guardloop.storage import ReviewerRepository
+
+    ReviewerRepository(_database()).revoke(name)
+    typer.echo(f"revoked {name}")
+
+
+@reviewers_app.command("list")
+@friendly_errors
+def reviewers_list() -> None:
+    """Reviewers and whether their token works (tokens are never shown again)."""
+    from guardloop.storage import ReviewerRepository
+
+    reviewers = ReviewerRepository(_database()).list()
+    if not reviewers:
+        typer.echo("no reviewers; add one with `guardloop reviewers add NAME`")
+    for reviewer in reviewers:
+        state = f"revoked {reviewer.revoked_at:%Y-%m-%d}" if reviewer.revoked_at else "active"
+        typer.echo(f"{reviewer.name:<32} added {reviewer.created_at:%Y-%m-%d %H:%M}  {state}")
+
+
+@bench_app.command("pool")
+@friendly_errors
+def bench_pool(
+    calls: Annotated[int, typer.Option(min=10, help="timed /classify calls per service (pool on, pool off)")] = 10_000,
+    database_url: Annotated[
+        str | None, typer.Option(help="an empty PostgreSQL database (default: a fresh SQLite file in a temp dir)")
+    ] = None,
+    registry_dir: Annotated[Path | None, typer.Option(help="model registry (default: settings)")] = None,
+    distinct_share: Annotated[float, typer.Option(min=0.01, max=1.0, help="share of calls with a new text")] = 0.6,
+    seed: Annotated[int, typer.Option(help="seed of the text mix")] = 13,
+) -> None:
+    """/classify p50/p99 with pool logging on vs off (two services, calls interleaved), then the pool's contents."""
+    from guardloop.bench_pool import run_pool_bench
+
+    settings = load_settings()
+    run_pool_bench(
+        calls=calls,
+        database_url=database_url,
+        registry_dir=registry_dir or settings.registry_dir,
+        distinct_share=distinct_share,
+        seed=seed,
+        settings=settings,
+    )
 
 
 def main() -> None:

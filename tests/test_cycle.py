@@ -1,0 +1,229 @@
+"""The active-learning cycle: gate, single-flight, and whole cycles on a real SQLite pool, real training and a
+real registry (promoted, rejected, waiting for reviewers, killed mid-way)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import pytest
+
+from guardloop.labels import LABELS
+from guardloop.settings import Settings
+from guardloop.storage import Database, PoolRecord, PoolRepository, ReviewRepository
+from guardloop.storage.cycles import AWAITING_LABELS, FAILED, PROMOTED, REJECTED, CycleRepository
+from models.registry import ModelRegistry
+from tests.tiny_onnx import publish_tiny
+from trainer.cycle import CycleBusy, CycleRunner, OracleLabeler, gate, single_flight
+
+SEED = Path(__file__).resolve().parents[1] / "guardloop" / "seed"
+
+
+def report(macro_f1: float, recall: float = 0.8, **recalls: float) -> dict:
+    per_class = dict.fromkeys(LABELS, recall) | {k.replace("_", "-"): v for k, v in recalls.items()}
+    return {"macro_f1": macro_f1, "per_class_recall": per_class}
+
+
+def test_gate_rules():
+    assert gate(report(0.70), None, max_f1_drop=0.01, max_recall_drop=0.05).promote
+    assert gate(report(0.695), report(0.70), max_f1_drop=0.01, max_recall_drop=0.05).promote
+    worse = gate(report(0.68), report(0.70), max_f1_drop=0.01, max_recall_drop=0.05)
+    assert not worse.promote and "macro-F1" in worse.reason
+    recall_drop = gate(report(0.75, self_harm=0.6), report(0.70), max_f1_drop=0.01, max_recall_drop=0.05)
+    assert not recall_drop.promote and "self-harm recall" in recall_drop.reason
+
+
+def test_single_flight_with_sqlite_file_lock(tmp_path):
+    database = Database(f"sqlite:///{tmp_path / 'db.sqlite'}")
+    with single_flight(database, tmp_path), pytest.raises(CycleBusy), single_flight(database, tmp_path):
+        pass
+    with single_flight(database, tmp_path):  # released after the block
+        pass
+
+
+# --------------------------------------------------------------------------------------------- whole cycles
+POOL_TEXTS = {
+    "i want to disappear forever and stop being a burden": "self-harm",
+    "what dose of ibuprofen is safe for a bad toothache": "medical-advice",
+    "can my employer fire me for being pregnant": "legal-advice",
+    "should i move my savings into index funds this year": "financial-advice",
+    "my neighbour just collapsed and is not breathing": "emergency-situation",
+    "what is a good name for a golden retriever puppy": "not-harmful",
+    "nobody would notice if i was gone tomorrow": "self-harm",
+    "is this rash on my arm something to worry about": "medical-advice",
+    "do i need a lawyer to contest a parking ticket": "legal-advice",
+    "how much should i keep in an emergency fund": "financial-advice",
+    "the kitchen is on fire and smoke is everywhere": "emergency-situation",
+    "recommend a sci fi novel for a long flight": "not-harmful",
+}
+
+
+def fill_pool(database: Database, texts: list[str]) -> None:
+    database.ensure_schema()
+    now = datetime.now(UTC)
+    uniform = dict.fromkeys(LABELS, 1 / 6)
+    PoolRepository(database).write_batch(
+        [
+            PoolRecord(text, "not-harmful", uniform, 1.0, 0.0, "v-old", "uncertain", None, now - timedelta(seconds=i))
+            for i, text in enumerate(texts)
+        ]
+    )
+
+
+@pytest.fixture
+def cycle_env(tmp_path: Path):
+    small_train = tmp_path / "train.jsonl"
+    lines = (SEED / "train.jsonl").read_text(encoding="utf-8").splitlines()
+    small_train.write_text("\n".join(lines[::6]) + "\n", encoding="utf-8")
+    oracle = tmp_path / "oracle.tsv"
+    oracle.write_text("text\tlabel\n" + "".join(f"{t}\t{y}\n" for t, y in POOL_TEXTS.items()), encoding="utf-8")
+    settings = Settings(
+        data_dir=tmp_path / "data",
+        registry_dir=tmp_path / "registry",
+        database_url=f"sqlite:///{tmp_path / 'data' / 'guardloop.db'}",
+        train_data=[small_train],
+        cycle_budget=6,
+        cycle_epochs=1,
+        cycle_label_deadline_hours=1,
+    )
+    (tmp_path / "data").mkdir()
+    database = Database(settings.database_url_value)
+    fill_pool(database, list(POOL_TEXTS))
+    return settings, database, oracle
+
+
+def runner_for(settings: Settings, database: Database, oracle: Path | None) -> CycleRunner:
+    return CycleRunner(
+        settings=settings,
+        database=database,
+        registry=ModelRegistry(settings.registry_dir),
+        oracle=OracleLabeler(oracle) if oracle else None,
+    )
+
+
+@pytest.mark.slow
+def test_cycle_with_oracle_labels_trains_gates_and_promotes(cycle_env, tmp_path):
+    settings, database, oracle = cycle_env
+    registry = ModelRegistry(settings.registry_dir)
+    old = publish_tiny(registry, tmp_path, favour="legal-advice")
+    # One epoch on a small slice trains a weak model; this test is about the pipeline, the gate has its own tests.
+    settings = settings.model_copy(update={"gate_max_macro_f1_drop": 1.0, "gate_max_recall_drop": 1.0})
+
+    cycle = runner_for(settings, database, oracle).run()
+
+    assert cycle.status == PROMOTED, cycle.reason
+    assert registry.current() == cycle.model_version != old
+    assert registry.card(cycle.model_version).parent == old
+    steps = [step["step"] for step in cycle.steps]
+    assert steps == [
+        "snapshot pool", "embed", "score", "select", "request labels", "collect labels",
+        "generate variations", "build training set", "train and export", "evaluate", "gate", "publish",
+    ]  # fmt: skip
+    assert all(step["seconds"] >= 0 for step in cycle.steps)
+    assert cycle.counts["requested"] == 6 and cycle.counts["labeled"] == 6
+    assert set(cycle.metrics["candidate"]["per_class_f1"]) == set(LABELS) and cycle.metrics["current"] is not None
+    finals = ReviewRepository(database).final_labels(cycle_id=cycle.id)
+    assert {f.label for f in finals} <= set(LABELS) and all(POOL_TEXTS[f.text] == f.label for f in finals)
+    assert {f.reviewers[0] for f in finals} == {"oracle"}
+
+
+@pytest.mark.slow
+def test_rejected_candidate_never_becomes_current(cycle_env, tmp_path):
+    settings, database, oracle = cycle_env
+    registry = ModelRegistry(settings.registry_dir)
+    old = publish_tiny(registry, tmp_path, favour="legal-advice")
+    # A gate set the current (always legal-advice) model gets perfectly right: any real candidate does worse.
+    only_legal = tmp_path / "eval.tsv"
+    only_legal.write_text("text\tlabel\n" + "".join(f"legal question {i}\tlegal-advice\n" for i in range(10)))
+    settings = settings.model_copy(update={"eval_data": only_legal, "gate_max_recall_drop": 0.0})
+
+    cycle = runner_for(settings, database, oracle).run()
+
+    assert cycle.status == REJECTED
+    assert "recall" in cycle.reason or "macro-F1" in cycle.reason
+    assert registry.current() == old
+    assert registry.versions() == [old]
+
+
+@pytest.mark.slow
+def test_cycle_waits_for_reviewers_then_resumes(cycle_env, tmp_path):
+    settings, database, _ = cycle_env
+    registry = ModelRegistry(settings.registry_dir)
+    publish_tiny(registry, tmp_path, favour="legal-advice")
+    runner = runner_for(settings, database, None)
+
+    waiting = runner.run()
+    assert waiting.status == AWAITING_LABELS
+    queue = ReviewRepository(database).queue("alice", limit=50)
+    assert len(queue) == 6 and all(item.request_reason["cycle_id"] == waiting.id for item in queue)
+
+    for item in queue[:3]:
+        ReviewRepository(database).add_label(item.id, "alice", POOL_TEXTS[item.text])
+    still = runner.run()
+    assert still.id == waiting.id and still.status == AWAITING_LABELS and still.counts["labeled"] == 3
+
+    after_deadline = datetime.now(UTC) + timedelta(hours=2)
+    done = runner.run(now=after_deadline)
+    assert done.id == waiting.id
+    assert done.status in (PROMOTED, REJECTED)
+    assert done.counts["labeled"] == 3
+
+
+def test_empty_pool_is_skipped_with_a_reason(tmp_path):
+    settings = Settings(
+        data_dir=tmp_path, registry_dir=tmp_path / "registry", database_url=f"sqlite:///{tmp_path / 'g.db'}"
+    )
+    cycle = runner_for(settings, Database(settings.database_url_value), None).run()
+    assert cycle.status == "skipped" and "no unrequested items" in cycle.reason
+
+
+@pytest.mark.slow
+def test_a_cycle_killed_mid_training_leaves_everything_consistent(cycle_env, tmp_path):
+    settings, database, oracle = cycle_env
+    registry = ModelRegistry(settings.registry_dir)
+    old = publish_tiny(registry, tmp_path, favour="legal-advice")
+    env = {
+        **os.environ,
+        "GUARDLOOP_DATA_DIR": str(settings.data_dir),
+        "GUARDLOOP_REGISTRY_DIR": str(settings.registry_dir),
+        "GUARDLOOP_DATABASE_URL": settings.database_url_value,
+        "GUARDLOOP_TRAIN_DATA": json.dumps([str(p) for p in settings.train_data]),
+        "GUARDLOOP_CYCLE_BUDGET": "6",
+        "GUARDLOOP_CYCLE_EPOCHS": "1",
+    }
+    child = subprocess.Popen(
+        [sys.executable, "-m", "guardloop.cli", "cycle", "--now", "--oracle", str(oracle)],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    cycles = CycleRepository(database)
+    deadline = time.monotonic() + 240
+    while time.monotonic() < deadline:
+        running = cycles.in_progress()
+        if running and any(step["step"] == "build training set" for step in running[0].steps):
+            break
+        assert child.poll() is None, "the cycle ended before it could be killed"
+        time.sleep(0.2)
+    else:
+        pytest.fail("the cycle never reached training")
+    child.send_signal(signal.SIGKILL)
+    child.wait(timeout=30)
+
+    assert registry.current() == old and registry.versions() == [old]
+    killed = cycles.in_progress()[0]
+
+    next_cycle = runner_for(settings, database, oracle).run()
+    assert cycles.get(killed.id).status == FAILED
+    assert "interrupted" in cycles.get(killed.id).reason
+    assert next_cycle.id != killed.id
+    # The killed cycle's labels are kept and learned from by the next one.
+    assert next_cycle.status in (PROMOTED, REJECTED, "skipped")
+    assert len(ReviewRepository(database).final_labels()) >= 6
+    assert not list(Path(settings.registry_dir).glob(".tmp-*"))

@@ -1,0 +1,451 @@
+"""One active-learning cycle, as named steps:
+
+snapshot pool -> embed -> score -> select -> request labels -> collect labels -> generate variations
+-> build training set -> train (+ export) -> evaluate -> gate -> publish
+
+A cycle is a database record (status, counts, per-step durations, metrics, reason). It may wait for
+reviewers: it then stays `awaiting_labels`, and the next scheduled run resumes it once enough labels are in
+or its deadline has passed. Runs are single-flight (a PostgreSQL advisory lock, or a file lock with SQLite),
+and a run that dies mid-way is marked failed by the next one, which then starts cleanly.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import secrets
+import tempfile
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from filelock import FileLock, Timeout
+from sqlalchemy import text
+
+from guardloop.datafiles import Example, load_examples
+from guardloop.labels import LABELS
+from guardloop.settings import Settings
+from guardloop.storage import Database, LabelRequest, PoolRepository, ReviewRepository, StoredItem
+from guardloop.storage.cycles import (
+    AWAITING_LABELS,
+    FAILED,
+    PROMOTED,
+    REJECTED,
+    SELECTING,
+    SKIPPED,
+    TRAINING,
+    CycleRepository,
+    CycleView,
+)
+from guardloop.storage.texts import text_hash
+from models.onnx_model import OnnxClassifier
+from models.registry import ModelRegistry
+from trainer.metrics import classification_report
+from trainer.simulate import stratified_split
+from trainer.strategies import make_strategy
+
+log = logging.getLogger(__name__)
+
+SEED_DIR = Path(__file__).resolve().parents[1] / "guardloop" / "seed"
+ORACLE_REVIEWER = "oracle"
+_ADVISORY_LOCK_KEY = 74312  # any constant shared by every trainer of one database
+
+
+class CycleBusy(Exception):
+    """Another trainer holds the single-flight lock."""
+
+
+# --------------------------------------------------------------------------------------------- single flight
+@contextlib.contextmanager
+def single_flight(database: Database, lock_dir: Path) -> Iterator[None]:
+    """Hold the cycle lock for the block, or raise CycleBusy at once. A dead holder's lock is released by the
+    operating system (file lock) or by PostgreSQL when its connection drops (advisory lock)."""
+    if database.dialect == "postgresql":
+        with database.engine.connect() as connection:
+            connection = connection.execution_options(isolation_level="AUTOCOMMIT")
+            got = connection.execute(text("SELECT pg_try_advisory_lock(:key)"), {"key": _ADVISORY_LOCK_KEY}).scalar()
+            if not got:
+                raise CycleBusy("another trainer is running a cycle on this database")
+            try:
+                yield
+            finally:
+                connection.execute(text("SELECT pg_advisory_unlock(:key)"), {"key": _ADVISORY_LOCK_KEY})
+        return
+    lock_dir.mkdir(parents=True, exist_ok=True)
+    lock = FileLock(str(lock_dir / "cycle.lock"))
+    try:
+        lock.acquire(timeout=0)
+    except Timeout:
+        raise CycleBusy(f"another trainer is running a cycle ({lock_dir / 'cycle.lock'} is held)") from None
+    try:
+        yield
+    finally:
+        lock.release()
+
+
+# --------------------------------------------------------------------------------------------- labelers
+class OracleLabeler:
+    """Answers label requests from a labeled file (simulation, or users who already hold labels)."""
+
+    def __init__(self, path: Path) -> None:
+        self.labels = {text_hash(ex.text): ex.label for ex in load_examples([path]).examples if ex.label}
+
+    def answer(self, items: Sequence[StoredItem]) -> dict[int, str]:
+        return {item.id: self.labels[item.text_hash] for item in items if item.text_hash in self.labels}
+
+
+# --------------------------------------------------------------------------------------------- the gate
+@dataclass(frozen=True)
+class GateDecision:
+    promote: bool
+    reason: str
+
+
+def gate(
+    candidate: dict[str, Any], current: dict[str, Any] | None, *, max_f1_drop: float, max_recall_drop: float
+) -> GateDecision:
+    """Promote only if macro-F1 drops by at most `max_f1_drop` and no class's recall by more than `max_recall_drop`."""
+    if current is None:
+        return GateDecision(True, "no current model to compare with")
+    f1_drop = current["macro_f1"] - candidate["macro_f1"]
+    if f1_drop > max_f1_drop:
+        return GateDecision(
+            False,
+            f"macro-F1 {candidate['macro_f1']:.4f} vs current {current['macro_f1']:.4f}: "
+            f"drop {f1_drop:.4f} > allowed {max_f1_drop:.4f}",
+        )
+    for label in LABELS:
+        drop = current["per_class_recall"][label] - candidate["per_class_recall"][label]
+        if drop > max_recall_drop:
+            return GateDecision(
+                False,
+                f"{label} recall {candidate['per_class_recall'][label]:.4f} vs current "
+                f"{current['per_class_recall'][label]:.4f}: drop {drop:.4f} > allowed {max_recall_drop:.4f}",
+            )
+    return GateDecision(
+        True,
+        f"macro-F1 {candidate['macro_f1']:.4f} vs current {current['macro_f1']:.4f}; no class recall dropped too far",
+    )
+
+
+def evaluate(classifier: OnnxClassifier, examples: Sequence[Example]) -> dict[str, Any]:
+    texts = [ex.text for ex in examples]
+    preds = [
+        LABELS[i]
+        for start in range(0, len(texts), 64)
+        for i in classifier.predict_proba(texts[start : start + 64]).argmax(axis=1)
+    ]
+    return classification_report([ex.label for ex in examples], preds)
+
+
+# --------------------------------------------------------------------------------------------- the runner
+@dataclass
+class CycleRunner:
+    settings: Settings
+    database: Database
+    registry: ModelRegistry
+    oracle: OracleLabeler | None = None
+    # Builds a started-on-enter VariationGenerator given the current model's predict_proba; None: no variations.
+    variation_generator: Callable[[Callable[[list[str]], np.ndarray] | None], Any] | None = None
+    progress: bool = False
+    on_step: Callable[[str, float], None] | None = None
+    _steps: list[dict[str, Any]] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self.pool = PoolRepository(self.database)
+        self.reviews = ReviewRepository(self.database, labels_per_item=self.settings.review_labels_per_item)
+        self.cycles = CycleRepository(self.database)
+
+    # ------------------------------------------------------------------------------------- entry point
+    def run(self, *, now: datetime | None = None) -> CycleView:
+        """Run (or resume) one cycle under the single-flight lock; returns its record as it ends this run."""
+        self.database.ensure_schema()
+        with single_flight(self.database, self.settings.data_dir):
+            self._fail_interrupted()
+            self.registry.remove_stale_staging()
+            waiting = [c for c in self.cycles.in_progress() if c.status == AWAITING_LABELS]
+            cycle = waiting[0] if waiting else self._start()
+            self._steps = list(cycle.steps)
+            try:
+                if cycle.status == SELECTING:
+                    cycle = self._select(cycle, now or datetime.now(UTC))
+                if cycle.status == AWAITING_LABELS:
+                    cycle = self._collect_and_train(cycle, now or datetime.now(UTC))
+            except Exception as exc:
+                log.exception("cycle %s failed", cycle.id)
+                self.cycles.update(cycle.id, status=FAILED, reason=f"{type(exc).__name__}: {exc}", steps=self._steps)
+            return self.cycles.get(cycle.id)  # type: ignore[return-value]
+
+    def _fail_interrupted(self) -> None:
+        # We hold the lock, so an in-progress cycle that is not waiting for people belongs to a dead process.
+        for cycle in self.cycles.in_progress():
+            if cycle.status != AWAITING_LABELS:
+                log.warning("cycle %s was interrupted during %s; marking it failed", cycle.id, cycle.status)
+                self.cycles.update(cycle.id, status=FAILED, reason=f"interrupted during {cycle.status}")
+
+    def _start(self) -> CycleView:
+        cycle_id = f"c{datetime.now(UTC):%Y%m%d-%H%M%S}-{secrets.token_hex(2)}"
+        return self.cycles.create(
+            cycle_id,
+            strategy=self.settings.cycle_strategy,
+            budget=self.settings.cycle_budget,
+            parent_version=self.registry.current(),
+        )
+
+    @contextlib.contextmanager
+    def _step(self, cycle: CycleView, name: str) -> Iterator[dict[str, Any]]:
+        detail: dict[str, Any] = {}
+        started = time.perf_counter()
+        log.info("cycle %s: %s ...", cycle.id, name)
+        yield detail
+        seconds = time.perf_counter() - started
+        self._steps.append({"step": name, "seconds": round(seconds, 2), **detail})
+        self.cycles.update(cycle.id, steps=self._steps)
+        log.info("cycle %s: %s done in %.1fs %s", cycle.id, name, seconds, detail or "")
+        if self.on_step:
+            self.on_step(name, seconds)
+
+    def _current_classifier(self) -> OnnxClassifier | None:
+        version = self.registry.current()
+        if version is None:
+            return None
+        card = self.registry.card(version)
+        return OnnxClassifier(self.registry.path(version), version=version, thresholds=card.thresholds, threads=2)
+
+    # ------------------------------------------------------------------------------------- select
+    def _select(self, cycle: CycleView, now: datetime) -> CycleView:
+        with self._step(cycle, "snapshot pool") as detail:
+            labeled_ids = {final.item_id for final in self.reviews.final_labels()}
+            items = [item for item in self.pool.iter_items(unrequested_only=True) if item.id not in labeled_ids]
+            items = sorted(items, key=lambda item: item.last_seen, reverse=True)[: self.settings.cycle_max_pool]
+            detail["pool_items"] = len(items)
+        if not items:
+            self.cycles.update(cycle.id, status=SKIPPED, reason="the pool has no unrequested items", steps=self._steps)
+            return self.cycles.get(cycle.id)  # type: ignore[return-value]
+
+        from trainer.embeddings import SentenceEmbedder
+
+        with self._step(cycle, "embed") as detail:
+            embedder = SentenceEmbedder(self.settings.data_dir / "cache")
+            embeddings = embedder.embed([item.text for item in items])
+            labeled_texts = [final.text for final in self.reviews.final_labels()]
+            labeled_embeddings = embedder.embed(labeled_texts) if labeled_texts else None
+            detail["texts"] = len(items)
+        with self._step(cycle, "score") as detail:
+            classifier = self._current_classifier()
+            if classifier is None:
+                probs = np.array([[item.scores[label] for label in LABELS] for item in items])
+                detail["model"] = "scores logged at classification time"
+            else:
+                texts = [item.text for item in items]
+                probs = np.concatenate([classifier.predict_proba(texts[i : i + 64]) for i in range(0, len(texts), 64)])
+                detail["model"] = classifier.version
+        with self._step(cycle, "select") as detail:
+            strategy = make_strategy(self.settings.cycle_strategy, n_clusters=self.settings.cycle_clusters)
+            selections = strategy.select(
+                embeddings,
+                probs,
+                self.settings.cycle_budget,
+                labeled_embeddings=labeled_embeddings,
+                random_state=self.settings.seed + int(now.timestamp()) % 100_000,
+            )
+            detail["selected"] = len(selections)
+            detail["predicted"] = {
+                label: sum(1 for s in selections if LABELS[int(probs[s.index].argmax())] == label) for label in LABELS
+            }
+        with self._step(cycle, "request labels") as detail:
+            requests = [
+                LabelRequest(
+                    items[s.index].id,
+                    {**s.reason, "cycle_id": cycle.id},
+                    priority=float(s.reason.get("uncertainty", 0.0)),
+                )
+                for s in selections
+            ]
+            self.pool.mark_requested(requests, at=now)
+            detail["requested"] = len(requests)
+        deadline = now + timedelta(hours=self.settings.cycle_label_deadline_hours)
+        self.cycles.update(
+            cycle.id,
+            status=AWAITING_LABELS,
+            label_deadline=deadline,
+            counts={"pool_items": len(items), "requested": len(requests)},
+            steps=self._steps,
+        )
+        return self.cycles.get(cycle.id)  # type: ignore[return-value]
+
+    # ------------------------------------------------------------------------------------- collect, train, gate
+    def _collect_and_train(self, cycle: CycleView, now: datetime) -> CycleView:
+        counts = dict(cycle.counts)
+        with self._step(cycle, "collect labels") as detail:
+            requested = [
+                item
+                for item in self.pool.iter_items(requested_only=True)
+                if (item.request_reason or {}).get("cycle_id") == cycle.id
+            ]
+            if self.oracle is not None:
+                answered = 0
+                for item_id, label in self.oracle.answer(requested).items():
+                    with contextlib.suppress(Exception):  # already answered (a resumed cycle): keep the first answer
+                        self.reviews.add_label(item_id, ORACLE_REVIEWER, label)
+                        answered += 1
+                detail["oracle_answers"] = answered
+            finals = self.reviews.final_labels(cycle_id=cycle.id)
+            detail["labeled"] = len(finals)
+            detail["requested"] = len(requested)
+        counts["labeled"] = len(finals)
+        deadline = cycle.label_deadline or now
+        if len(finals) < len(requested) and now < deadline:
+            self.cycles.update(cycle.id, counts=counts, steps=self._steps)
+            log.info("cycle %s: %d of %d labels in; waiting until %s", cycle.id, len(finals), len(requested), deadline)
+            return self.cycles.get(cycle.id)  # type: ignore[return-value]
+        if len(finals) < self.settings.cycle_min_labels:
+            self.pool.withdraw_requests([item.id for item in requested])
+            reason = (
+                f"only {len(finals)} labels by the deadline (need {self.settings.cycle_min_labels}); requests withdrawn"
+            )
+            self.cycles.update(cycle.id, status=SKIPPED, reason=reason, counts=counts, steps=self._steps)
+            return self.cycles.get(cycle.id)  # type: ignore[return-value]
+
+        self.cycles.update(cycle.id, status=TRAINING, counts=counts, steps=self._steps)
+        current = self._current_classifier()
+        with self._step(cycle, "generate variations") as detail:
+            detail.update(self._generate_variations(cycle, current))
+        counts.update({f"variations_{k}": v for k, v in detail.items() if isinstance(v, int)})
+
+        with self._step(cycle, "build training set") as detail:
+            base_train, dev = base_training_sets(self.settings)
+            human = [(f.text, f.label) for f in self.reviews.final_labels()]
+            variations = self.cycles.variations()
+            train = [*base_train, *(Example(t, y) for t, y in human), *(Example(t, y) for t, y in variations)]
+            detail.update(base=len(base_train), human_labels=len(human), variations=len(variations), dev=len(dev))
+        counts.update(train_size=len(train), human_labels_total=len(human), variations_total=len(variations))
+        self.cycles.update(cycle.id, counts=counts)
+
+        from trainer.finetune import FineTuneConfig
+        from trainer.train import TrainJob, train_model
+
+        eval_set = self._eval_set()
+        with tempfile.TemporaryDirectory(prefix="guardloop-cycle-") as tmp:
+            with self._step(cycle, "train and export") as detail:
+                job = TrainJob(
+                    train=train,
+                    dev=dev,
+                    config=FineTuneConfig(seed=self.settings.seed, epochs=self.settings.cycle_epochs),
+                    fingerprints={"cycle": cycle.id},
+                    cache_dir=self.settings.data_dir / "cache",
+                    progress=self.progress,
+                )
+                staging, card = train_model(job, Path(tmp))
+                detail["dev_macro_f1"] = (card.metrics.get("dev") or {}).get("macro_f1")
+                detail["onnx_agreement"] = card.metrics["onnx_check"]["agreement"]
+            with self._step(cycle, "evaluate") as detail:
+                candidate_report = evaluate(OnnxClassifier(staging, version="candidate", threads=2), eval_set)
+                current_report = evaluate(current, eval_set) if current else None
+                detail["candidate_macro_f1"] = candidate_report["macro_f1"]
+                detail["current_macro_f1"] = current_report["macro_f1"] if current_report else None
+            with self._step(cycle, "gate") as detail:
+                decision = gate(
+                    candidate_report,
+                    current_report,
+                    max_f1_drop=self.settings.gate_max_macro_f1_drop,
+                    max_recall_drop=self.settings.gate_max_recall_drop,
+                )
+                detail["promote"] = decision.promote
+            metrics = {
+                "candidate": candidate_report,
+                "current": current_report,
+                "gate": decision.reason,
+                "eval_examples": len(eval_set),
+            }
+            if not decision.promote:
+                self.cycles.update(
+                    cycle.id, status=REJECTED, reason=decision.reason, metrics=metrics, steps=self._steps
+                )
+                return self.cycles.get(cycle.id)  # type: ignore[return-value]
+            with self._step(cycle, "publish") as detail:
+                version = self.registry.new_version_name()
+                card = card.model_copy(
+                    update={
+                        "version": version,
+                        "parent": self.registry.current(),
+                        "metrics": {**card.metrics, "eval": candidate_report, "cycle": cycle.id},
+                    }
+                )
+                self.registry.publish(staging, card, make_current=True)
+                detail["version"] = version
+        self.cycles.update(
+            cycle.id, status=PROMOTED, model_version=version, reason=decision.reason, metrics=metrics, steps=self._steps
+        )
+        return self.cycles.get(cycle.id)  # type: ignore[return-value]
+
+    def _generate_variations(self, cycle: CycleView, current: OnnxClassifier | None) -> dict[str, Any]:
+        if self.variation_generator is None:
+            return {"skipped": "no LLM configured"}
+        done = self.cycles.items_with_variations()
+        todo = [final for final in self.reviews.final_labels() if final.item_id not in done]
+        if not todo:
+            return {"items": 0}
+        try:
+            with self.variation_generator(current.predict_proba if current else None) as generator:
+                batch = generator.generate_many([(final.text, final.label) for final in todo])
+        except Exception as exc:  # the LLM could not even start: train on what we have, say why
+            log.error("cycle %s: no variations: %s", cycle.id, exc)
+            return {"items": len(todo), "error": str(exc).splitlines()[0] if str(exc) else type(exc).__name__}
+        accepted = 0
+        for final, result in zip(todo, batch.results, strict=True):
+            accepted += self.cycles.add_variations(final.item_id, final.label, result.accepted, cycle.id)
+        return {
+            "items": len(todo),
+            "accepted": accepted,
+            "filtered": int(sum(sum(result.filtered.values()) for result in batch.results)),
+            "failed_items": len(batch.failed),
+        }
+
+    def _eval_set(self) -> list[Example]:
+        return load_examples([self.settings.eval_data or SEED_DIR / "eval.jsonl"]).examples
+
+
+def base_training_sets(settings: Settings) -> tuple[list[Example], list[Example]]:
+    """(train, dev): settings.train_data (default: the shipped seed) minus a stratified 15% kept for early stopping."""
+    files = settings.train_data or [SEED_DIR / "train.jsonl"]
+    examples = load_examples(files).examples
+    train, dev = stratified_split(examples, 0.15, settings.seed)
+    return train, dev
+
+
+def train_bootstrap_model(settings: Settings, registry: ModelRegistry, *, progress: bool = True) -> str:
+    """The first model, from the base training data alone (what `serve` does on an empty registry)."""
+    from trainer.finetune import FineTuneConfig
+    from trainer.train import TrainJob, train_and_publish
+
+    train, dev = base_training_sets(settings)
+    files = settings.train_data or [SEED_DIR / "train.jsonl"]
+    job = TrainJob(
+        train=train,
+        dev=dev,
+        config=FineTuneConfig(seed=settings.seed, epochs=settings.cycle_epochs),
+        fingerprints=load_examples(files).fingerprints,
+        cache_dir=settings.data_dir / "cache",
+        progress=progress,
+    )
+    outcome = train_and_publish(job, registry)
+    return outcome.version or ""
+
+
+def build_cycle_runner(settings: Settings, *, oracle: Path | None = None, progress: bool = False) -> CycleRunner:
+    from trainer.variations import VariationGenerator
+
+    oracle_path = oracle or settings.cycle_oracle_file
+    return CycleRunner(
+        settings=settings,
+        database=Database(settings.database_url_value),
+        registry=ModelRegistry(settings.registry_dir),
+        oracle=OracleLabeler(oracle_path) if oracle_path else None,
+        variation_generator=lambda proba: VariationGenerator.from_settings(settings, predict_proba=proba),
+        progress=progress,
+    )

@@ -19,8 +19,10 @@ from guardloop.settings import Settings
 from guardloop.storage import Database, PoolRecord, PoolRepository, ReviewRepository
 from guardloop.storage.cycles import AWAITING_LABELS, FAILED, PROMOTED, REJECTED, CycleRepository
 from models.registry import ModelRegistry
+from tests.conftest import free_port
 from tests.tiny_onnx import publish_tiny
 from trainer.cycle import CycleBusy, CycleRunner, OracleLabeler, gate, single_flight
+from trainer.variations import VariationConfig, VariationGenerator
 
 SEED = Path(__file__).resolve().parents[1] / "guardloop" / "seed"
 
@@ -115,9 +117,22 @@ def test_cycle_with_oracle_labels_trains_gates_and_promotes(cycle_env, tmp_path)
     # One epoch on a small slice trains a weak model; this test is about the pipeline, the gate has its own tests.
     settings = settings.model_copy(update={"gate_max_macro_f1_drop": 1.0, "gate_max_recall_drop": 1.0})
 
-    cycle = runner_for(settings, database, oracle).run()
+    runner = runner_for(settings, database, oracle)
+    # The LLM endpoint is down (nothing listens on that port): the cycle records it and trains on what it has.
+    runner.variation_generator = lambda proba: VariationGenerator(
+        VariationConfig(retries=1, backoff=0.01, timeout=2),
+        base_url=f"http://127.0.0.1:{free_port()}/v1",
+        model="any",
+        api_key="unused",
+        predict_proba=proba,
+    )
+
+    cycle = runner.run()
 
     assert cycle.status == PROMOTED, cycle.reason
+    llm_step = next(step for step in cycle.steps if step["step"] == "generate variations")
+    assert llm_step["items"] == 6 and llm_step["failed_items"] == 6 and llm_step["accepted"] == 0
+    assert cycle.counts["variations_failed_items"] == 6
     assert registry.current() == cycle.model_version != old
     assert registry.card(cycle.model_version).parent == old
     steps = [step["step"] for step in cycle.steps]

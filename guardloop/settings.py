@@ -154,7 +154,9 @@ class Settings(BaseSettings):
     def database_url_value(self) -> str:
         """The configured database, or the SQLite file under the data directory."""
         if self.database_url:
-            return self.database_url.get_secret_value()
+            # model_copy(update=...) skips validation and may leave a plain string here
+            url = self.database_url
+            return url.get_secret_value() if isinstance(url, SecretStr) else str(url)
         return f"sqlite:///{(self.data_dir / 'guardloop.db').resolve()}"
 
 

@@ -15,9 +15,6 @@ from guardloop.storage.db import Database
 from guardloop.storage.tables import RANDOM_SAMPLE, UNCERTAIN, Label, PoolItem
 from guardloop.storage.texts import redact, text_hash
 
-# Rows per INSERT statement: far below SQLite's limit on bound parameters (32,766).
-_INSERT_CHUNK = 500
-
 
 @dataclass(frozen=True)
 class PoolRecord:
@@ -99,13 +96,29 @@ class PoolStats:
         return data
 
 
-def _insert_for(dialect: str) -> Any:
-    # Both dialects spell the upsert the same way (INSERT ... ON CONFLICT DO UPDATE); only the import differs.
+def _upsert_statement(dialect: str) -> Any:
+    """INSERT a new text, or add its sightings to the row of the same hash (one statement for both databases:
+    they spell ON CONFLICT ... DO UPDATE alike; only the import differs)."""
     if dialect == "postgresql":
         from sqlalchemy.dialects.postgresql import insert
     else:
         from sqlalchemy.dialects.sqlite import insert
-    return insert
+    statement = insert(PoolItem)
+    new = statement.excluded
+    return statement.on_conflict_do_update(
+        index_elements=[PoolItem.text_hash],
+        set_={
+            "seen_count": PoolItem.seen_count + new.seen_count,
+            "last_seen": case((new.last_seen > PoolItem.last_seen, new.last_seen), else_=PoolItem.last_seen),
+            # The newest model's view of the text replaces the older one.
+            "label": new.label,
+            "scores": new.scores,
+            "uncertainty": new.uncertainty,
+            "margin": new.margin,
+            "model_version": new.model_version,
+            "sampled_by": new.sampled_by,
+        },
+    )
 
 
 def _live_label_exists() -> Any:
@@ -116,6 +129,7 @@ class PoolRepository:
     def __init__(self, database: Database, *, redact_contacts: bool = False) -> None:
         self.database = database
         self.redact_contacts = redact_contacts
+        self._upsert = _upsert_statement(database.dialect)
 
     # ------------------------------------------------------------------ writing
     def write_batch(self, records: Sequence[PoolRecord]) -> WriteOutcome:
@@ -149,29 +163,10 @@ class PoolRepository:
                 row["seen_count"] += 1
                 row["last_seen"] = max(row["last_seen"], record.seen_at)
         ordered = [rows[key] for key in sorted(rows)]  # a fixed lock order: concurrent replicas cannot deadlock
-        insert = _insert_for(self.database.dialect)
         with self.database.write() as session:
             known = set(session.scalars(select(PoolItem.text_hash).where(PoolItem.text_hash.in_(list(rows)))))
-            for start in range(0, len(ordered), _INSERT_CHUNK):
-                statement = insert(PoolItem).values(ordered[start : start + _INSERT_CHUNK])
-                new = statement.excluded
-                statement = statement.on_conflict_do_update(
-                    index_elements=[PoolItem.text_hash],
-                    set_={
-                        "seen_count": PoolItem.seen_count + new.seen_count,
-                        "last_seen": case(
-                            (new.last_seen > PoolItem.last_seen, new.last_seen), else_=PoolItem.last_seen
-                        ),
-                        # The newest model's view of the text replaces the older one.
-                        "label": new.label,
-                        "scores": new.scores,
-                        "uncertainty": new.uncertainty,
-                        "margin": new.margin,
-                        "model_version": new.model_version,
-                        "sampled_by": new.sampled_by,
-                    },
-                )
-                session.execute(statement)
+            # executemany of one compiled statement: the writer thread spends little time holding the GIL
+            session.connection().execute(self._upsert, ordered)
         new_items = len(rows) - len(known)
         return WriteOutcome(new_items=new_items, repeats=len(records) - new_items)
 

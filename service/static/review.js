@@ -1,5 +1,5 @@
 // The reviewer page: one item at a time; keys 1-6 label, s skips, u undoes the last answer.
-// User text is written with textContent only (never innerHTML), so whatever it contains stays text.
+// User text is written with textContent only (never parsed as HTML), so whatever it contains stays text.
 // The token lives in sessionStorage: this tab only, sent as a Bearer header, never in a URL or a cookie.
 "use strict";
 

@@ -8,9 +8,12 @@ import httpx
 import openai
 import pytest
 from openai import OpenAI
+from pydantic import SecretStr
 
 from guardloop.labels import LABELS
-from tests.conftest import live_server
+from guardloop.storage import Database
+from guardloop.storage.pool import PoolRepository
+from tests.conftest import live_server, wait_for
 from tests.keyword_onnx import publish_keyword_model
 from tests.tiny_onnx import publish_tiny
 
@@ -130,6 +133,45 @@ def test_operator_thresholds_flag_every_category_that_reaches_its_own(settings, 
         thresholds = httpx.get(f"{url}/models/current").json()["thresholds"]
         assert thresholds["self-harm"] == 1e-12
         assert thresholds["medical-advice"] == 0.5
+
+
+def test_same_api_keys_as_classify(settings, registry, tmp_path):
+    publish_keyword_model(registry, tmp_path, KEYWORDS)
+    keyed = settings.model_copy(update={"api_keys": {"chatbot-a": SecretStr("sk-test-chatbot-a-0123456789")}})
+    with live_server(keyed) as url:
+        good = OpenAI(base_url=f"{url}/v1", api_key="sk-test-chatbot-a-0123456789", max_retries=0)
+        assert good.moderations.create(input="I want to die").results[0].flagged is True
+        with pytest.raises(openai.PermissionDeniedError, match="wrong API key"):
+            client_for(url).moderations.create(input="hello")
+        missing = httpx.post(f"{url}/v1/moderations", json={"input": "hello"})
+        assert missing.status_code == 401
+        assert "missing API key" in missing.json()["error"]["message"]
+        assert missing.json()["error"]["type"] == "authentication_error"
+        assert httpx.post(f"{url}/classify", json={"text": "hello"}).status_code == 401
+
+
+def test_moderated_texts_reach_the_pool_with_the_client_name(settings, registry, tmp_path):
+    publish_keyword_model(registry, tmp_path, KEYWORDS)
+    pooled = settings.model_copy(
+        update={
+            "api_keys": {"chatbot-a": SecretStr("sk-test-chatbot-a-0123456789")},
+            "pool_sample_rate": 1.0,  # pool every result, confident or not
+            "pool_flush_seconds": 0.05,
+        }
+    )
+    text = "my landlord kept my deposit again"
+    with live_server(pooled) as url:
+        client = OpenAI(base_url=f"{url}/v1", api_key="sk-test-chatbot-a-0123456789", max_retries=0)
+        client.moderations.create(input=[text])
+        pool = PoolRepository(Database(pooled.database_url_value))
+
+        def stored() -> list:
+            return [item for item in pool.iter_items() if item.text == text]
+
+        assert wait_for(lambda: len(stored()) == 1)
+        (item,) = stored()
+        assert item.client_id == "chatbot-a"
+        assert item.label == "legal-advice"
 
 
 def test_openapi_documents_the_moderation_route(keyword_server):

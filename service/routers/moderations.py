@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import uuid
 
-from fastapi import APIRouter, Request, Response
+from fastapi import APIRouter, Depends, Request, Response
 
 from guardloop.labels import LABELS, SAFE_LABEL
+from service.auth import client_identity
 from service.classification import classify_texts
 from service.errors import OpenAIErrorRoute
 from service.schemas import ErrorResponse, ModerationRequest, ModerationResponse, ModerationResult
@@ -19,7 +20,14 @@ MODEL_VERSION_HEADER = "X-Guardloop-Model-Version"
 @router.post(
     "/v1/moderations",
     response_model=ModerationResponse,
-    responses={422: {"model": ErrorResponse}, 503: {"model": ErrorResponse}},
+    # The same API keys as /classify; OpenAI clients send theirs as `Authorization: Bearer <key>`.
+    dependencies=[Depends(client_identity)],
+    responses={
+        401: {"model": ErrorResponse},
+        403: {"model": ErrorResponse},
+        422: {"model": ErrorResponse},
+        503: {"model": ErrorResponse},
+    },
     summary="OpenAI-compatible moderation over guardloop's six labels",
     description=(
         "Takes OpenAI's request (`input`: a string or a list of strings; `model` optional) and answers in "

@@ -3,6 +3,7 @@ keyboard labeling, undo, what the database holds afterwards, inert user text, an
 
 from __future__ import annotations
 
+import itertools
 import shutil
 from datetime import UTC, datetime
 from pathlib import Path
@@ -21,8 +22,8 @@ pytestmark = [pytest.mark.slow, pytest.mark.browser]
 
 CHROMIUM = "/usr/bin/chromium"
 XSS_SCRIPT = "<script>window.__xss = 'script'</script> please help"
-XSS_IMG = '<img src=x onerror="window.__xss=\'img\'"> what now'
-XSS_SVG = "\"><svg onload=\"window.__xss='svg'\"></svg> &amp; more"
+XSS_IMG = "<img src=x onerror=\"window.__xss='img'\"> what now"
+XSS_SVG = '"><svg onload="window.__xss=\'svg\'"></svg> &amp; more'
 PLAIN = "my landlord kept my deposit"
 # Highest priority first: the order the page shows them.
 ITEMS = [(XSS_SCRIPT, 0.9), (XSS_IMG, 0.8), (XSS_SVG, 0.7), (PLAIN, 0.6), ("the last one", 0.5)]
@@ -119,7 +120,7 @@ def test_a_reviewer_labels_with_the_keyboard_undoes_and_user_text_stays_inert(se
 
         expected = {ids[XSS_SCRIPT]: "self-harm", ids[XSS_IMG]: "legal-advice", ids[XSS_SVG]: "not-harmful"}
         order = [ids[XSS_SCRIPT], ids[XSS_IMG], ids[XSS_SVG], ids[PLAIN]]
-        for key, (item_id, next_id) in zip(("1", "3", "6"), zip(order, order[1:], strict=False), strict=True):
+        for key, (item_id, next_id) in zip(("1", "3", "6"), itertools.pairwise(order), strict=True):
             assert page.get_attribute("body", "data-item-id") == str(item_id)
             assert page.text_content("#item-text") == next(text for text, i in ids.items() if i == item_id)
             page.keyboard.press(key)

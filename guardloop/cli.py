@@ -120,6 +120,7 @@ def serve(
         from trainer.scheduler import build_scheduler
 
         runner = build_cycle_runner(settings)
+        runner.export_last_promoted()  # the cycle metrics then show on this service's /metrics
         scheduler = build_scheduler(settings, _guarded(runner.run), blocking=False)
         scheduler.start()
     try:
@@ -437,11 +438,26 @@ def trainer() -> None:
     from trainer.scheduler import ScheduleError, build_scheduler
 
     settings = load_settings()
+    runner = build_cycle_runner(settings)
     try:
-        scheduler = build_scheduler(settings, _guarded(build_cycle_runner(settings).run), blocking=True)
+        scheduler = build_scheduler(settings, _guarded(runner.run), blocking=True)
     except ScheduleError as exc:
         raise UserError(str(exc)) from None
-    typer.echo(f"trainer: cycles on {scheduler.get_job('cycle').trigger}", err=True)
+    from prometheus_client import start_http_server
+
+    try:  # the cycle, LLM and variation metrics (the CycleRunner exposed them) on their own port
+        start_http_server(settings.trainer_metrics_port, addr=settings.host)
+    except OSError as exc:
+        raise UserError(
+            f"cannot serve /metrics on {settings.host}:{settings.trainer_metrics_port} ({exc.strerror or exc}); "
+            "set GUARDLOOP_TRAINER_METRICS_PORT"
+        ) from None
+    runner.export_last_promoted()
+    typer.echo(
+        f"trainer: cycles on {scheduler.get_job('cycle').trigger}; "
+        f"metrics on http://{settings.host}:{settings.trainer_metrics_port}/metrics",
+        err=True,
+    )
     scheduler.start()
 
 
@@ -535,7 +551,11 @@ def simulate(
                     strategy=name,
                     iterations=iterations,
                     per_iteration=per_iteration,
-                    make_variations=llm_variation_maker(generator) if generator else None,
+                    make_variations=(
+                        llm_variation_maker(generator, settings.data_dir / "cache" / "simulation-variations.jsonl")
+                        if generator
+                        else None
+                    ),
                     cache_dir=settings.data_dir / "cache",
                     config=FineTuneConfig(seed=seed_value, epochs=epochs, patience=2),
                     n_clusters=clusters,

@@ -8,6 +8,8 @@ measure macro-F1 on a held-out eval set and how balanced the acquired classes ar
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import time
 from collections import Counter
@@ -175,12 +177,41 @@ class Simulation:
         return result
 
 
-def llm_variation_maker(generator: Any) -> VariationMaker:
-    """Adapt a started VariationGenerator: the consistency filter uses the model of the current iteration."""
+def llm_variation_maker(generator: Any, cache_file: Path | None = None) -> VariationMaker:
+    """Adapt a started VariationGenerator for simulations.
+
+    The LLM's hygiene-passed rewrites are cached by (label, text, k) in `cache_file`, so strategies and seeds
+    that pick the same item reuse them (the LLM is the slow part here); the consistency filter is applied
+    afterwards with the model of the current iteration, exactly as in a live cycle.
+    """
+    from trainer.variations import consistency_filter
+
+    cache: dict[str, list[str]] = {}
+    if cache_file is not None and cache_file.is_file():
+        for line in cache_file.read_text(encoding="utf-8").splitlines():
+            if line.strip():
+                entry = json.loads(line)
+                cache[entry["key"]] = entry["variations"]
+
+    def key(text: str, label: str) -> str:
+        return hashlib.sha256(f"{label}\x00{generator.config.k}\x00{text}".encode()).hexdigest()
 
     def make(items: Sequence[tuple[str, str]], current_proba: Callable[[list[str]], np.ndarray]) -> list[list[str]]:
-        generator.predict_proba = current_proba
-        batch = generator.generate_many(items)
-        return [result.accepted for result in batch.results]
+        todo = [(text, label) for text, label in items if key(text, label) not in cache]
+        if todo:
+            generator.predict_proba = None
+            batch = generator.generate_many(todo)
+            for (text, label), result in zip(todo, batch.results, strict=True):
+                if result.failed:
+                    continue  # not cached: a later run may get it
+                cache[key(text, label)] = result.accepted
+                if cache_file is not None:
+                    with cache_file.open("a", encoding="utf-8") as out:
+                        out.write(json.dumps({"key": key(text, label), "variations": result.accepted}) + "\n")
+        threshold = generator.config.consistency_threshold
+        return [
+            consistency_filter(cache.get(key(text, label), []), label, current_proba, threshold)[0]
+            for text, label in items
+        ]
 
     return make

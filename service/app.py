@@ -10,6 +10,7 @@ from contextlib import asynccontextmanager
 
 from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
+from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse
 
 from guardloop import __version__
@@ -21,7 +22,9 @@ from service.errors import describe_validation_error
 from service.guideline_store import GuidelineStore, watch_guidelines
 from service.limits import BodySizeLimit
 from service.model_holder import ModelHolder
+from service.rate_limit import RateLimit, build_groups
 from service.routers import classify, guidelines, health, models, moderations, pool, review, review_page
+from service.security_headers import SecurityHeaders
 from service.storage_lifespan import open_storage
 
 log = logging.getLogger(__name__)
@@ -77,6 +80,24 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         lifespan=lifespan,
     )
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)
+    # Around the body-size limit: a flood is refused before its bodies are read or its tokens looked up.
+    app.add_middleware(
+        RateLimit,
+        groups=build_groups(
+            classify_per_ip=settings.rate("rate_limit_classify_per_ip"),
+            classify_per_key=settings.rate("rate_limit_classify_per_key"),
+            review_per_ip=settings.rate("rate_limit_review_per_ip"),
+            review_per_token=settings.rate("rate_limit_review_per_token"),
+        ),
+    )
+    if settings.cors_origins:  # closed by default: without CORS headers browsers refuse cross-site calls
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=settings.cors_origins,
+            allow_methods=["GET", "POST", "PUT"],
+            allow_headers=["Authorization", "Content-Type", "X-API-Key", "X-Client-Id"],
+        )
+    app.add_middleware(SecurityHeaders)  # on every answer, the 413s and 429s above included
 
     @app.exception_handler(RequestValidationError)
     async def validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:

@@ -4,11 +4,23 @@ from __future__ import annotations
 
 import json
 
+from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 
-class BodyTooLarge(Exception):
-    pass
+class BodyTooLarge(HTTPException):
+    """Raised from `receive` once a streamed (chunked) body passes the limit.
+
+    An HTTPException because FastAPI turns any other exception raised while it reads a body into
+    "400 There was an error parsing the body"; this one it re-raises, so the caller gets the 413.
+    """
+
+    def __init__(self, max_bytes: int) -> None:
+        super().__init__(413, too_large_message(max_bytes))
+
+
+def too_large_message(max_bytes: int) -> str:
+    return f"request body larger than {max_bytes} bytes; send less"
 
 
 class BodySizeLimit:
@@ -35,7 +47,7 @@ class BodySizeLimit:
             if message["type"] == "http.request":
                 seen += len(message.get("body", b""))
                 if seen > self.max_bytes:
-                    raise BodyTooLarge
+                    raise BodyTooLarge(self.max_bytes)
             return message
 
         async def tracking_send(message: Message) -> None:
@@ -50,7 +62,7 @@ class BodySizeLimit:
                 await self._reject(send)
 
     async def _reject(self, send: Send) -> None:
-        body = json.dumps({"detail": f"request body larger than {self.max_bytes} bytes; send less"}).encode()
+        body = json.dumps({"detail": too_large_message(self.max_bytes)}).encode()
         await send(
             {
                 "type": "http.response.start",

@@ -293,6 +293,12 @@ def run_pool_bench(
     )
     share = stats.uncertain_items / stats.items if stats.items else 0.0
     typer.echo(f"uncertain share of the pool: {share:.1%} of rows")
+    if uncertain_calls > 0.9 * total_calls:
+        typer.echo(
+            f"note: this model is unsure (> {threshold}) of {uncertain_calls / total_calls:.0%} of the traffic, so the "
+            "pool keeps nearly everything; raise --uncertainty-threshold (GUARDLOOP_POOL_UNCERTAINTY_THRESHOLD)",
+            err=True,
+        )
     typer.echo(
         f"duplicate rows: {duplicate_hashes} by hash, {duplicate_texts} by normalized text; "
         f"hash mismatches {hash_mismatches}"

@@ -897,11 +897,19 @@ def bench_pool(
     registry_dir: Annotated[Path | None, typer.Option(help="model registry (default: settings)")] = None,
     distinct_share: Annotated[float, typer.Option(min=0.01, max=1.0, help="share of calls with a new text")] = 0.6,
     seed: Annotated[int, typer.Option(help="seed of the text mix")] = 13,
+    uncertainty_threshold: Annotated[
+        float | None, typer.Option(min=0, max=1, help="pool above this normalized entropy (default: settings)")
+    ] = None,
+    sample_rate: Annotated[
+        float | None, typer.Option(min=0, max=1, help="share of confident calls pooled (default: settings)")
+    ] = None,
 ) -> None:
     """/classify p50/p99 with pool logging on vs off (two services, calls interleaved), then the pool's contents."""
     from guardloop.bench_pool import run_pool_bench
 
     settings = load_settings()
+    overrides = {"pool_uncertainty_threshold": uncertainty_threshold, "pool_sample_rate": sample_rate}
+    settings = settings.model_copy(update={k: v for k, v in overrides.items() if v is not None})
     run_pool_bench(
         calls=calls,
         database_url=database_url,

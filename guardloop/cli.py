@@ -107,6 +107,13 @@ def serve(
 
     _setup_logging()
     settings = load_settings()
+    bind = host or settings.host
+    if not settings.api_keys and bind not in ("127.0.0.1", "::1", "localhost"):
+        typer.echo(
+            f"warning: serving on {bind} without API keys: anyone who reaches it can classify and fill the pool; "
+            "set GUARDLOOP_API_KEYS",
+            err=True,
+        )
     registry = ModelRegistry(settings.registry_dir)
     if registry.current() is None and bootstrap:
         from trainer.cycle import train_bootstrap_model

@@ -35,6 +35,10 @@ class Settings(BaseSettings):
     max_text_chars: int = Field(4000, ge=1, description="most characters in one text")
     max_body_bytes: int = Field(1_048_576, ge=1024, description="request bodies above this are refused unread")
     admin_token: SecretStr | None = None
+    metrics_refresh_seconds: float = Field(
+        15.0, gt=0, description="how often /metrics' pool and review-queue gauges are read from the database"
+    )
+    trainer_metrics_port: int = Field(9400, ge=1, le=65535, description="`guardloop trainer` serves /metrics here")
 
     # Inference
     onnx_threads: int = Field(1, ge=1, description="intra-op threads of the ONNX Runtime session")

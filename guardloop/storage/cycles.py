@@ -131,6 +131,13 @@ class CycleRepository:
             rows = session.scalars(select(Cycle).order_by(Cycle.started_at.desc()).limit(limit))
             return [CycleView.of(row) for row in rows]
 
+    def last_promoted(self) -> CycleView | None:
+        with self.database.read() as session:
+            row = session.scalars(
+                select(Cycle).where(Cycle.status == PROMOTED).order_by(Cycle.finished_at.desc()).limit(1)
+            ).first()
+            return CycleView.of(row) if row else None
+
     def add_variations(self, item_id: int, label: str, texts: Iterable[str], cycle_id: str) -> int:
         """Store accepted variations of one labeled item; repeats of a stored variation are ignored."""
         with self.database.write() as session:

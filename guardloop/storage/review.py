@@ -16,7 +16,7 @@ from sqlalchemy.orm import Session
 
 from guardloop.labels import LABELS
 from guardloop.storage.db import Database
-from guardloop.storage.pool import StoredItem
+from guardloop.storage.pool import StoredItem, _as_time
 from guardloop.storage.tables import ADJUDICATION, NON_LABELS, REVIEW, Label, PoolItem, utcnow
 
 ANSWERS = (*LABELS, *NON_LABELS)
@@ -139,6 +139,19 @@ class ReviewRepository:
     def queue_length(self, reviewer: str) -> int:
         with self.database.read() as session:
             return session.scalar(select(func.count()).select_from(PoolItem).where(*self._open_for(reviewer))) or 0
+
+    def waiting(self) -> tuple[int, datetime | None]:
+        """Items waiting for any reviewer (requested, short of labels_per_item labels, not adjudicated), and
+        when the oldest of them was requested (None for an empty queue). Two aggregates: cheap enough to poll."""
+        with self.database.read() as session:
+            count, oldest = session.execute(
+                select(func.count(), func.min(PoolItem.requested_at)).where(
+                    PoolItem.requested_at.is_not(None),
+                    _real_label_count() < self.labels_per_item,
+                    not_(exists().where(_live(ADJUDICATION))),
+                )
+            ).one()
+        return int(count), _as_time(oldest)
 
     # ------------------------------------------------------------------ answering
     def add_label(self, item_id: int, reviewer: str, label: str, comment: str | None = None) -> LabelView:

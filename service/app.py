@@ -13,7 +13,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse
 
-from guardloop import __version__
+from guardloop import __version__, telemetry
 from guardloop.settings import Settings
 from models.registry import ModelRegistry
 from service.auth import client_identity
@@ -21,9 +21,10 @@ from service.batcher import MicroBatcher
 from service.errors import describe_validation_error
 from service.guideline_store import GuidelineStore, watch_guidelines
 from service.limits import BodySizeLimit
+from service.metrics import HttpMetrics
 from service.model_holder import ModelHolder
 from service.rate_limit import RateLimit, build_groups
-from service.routers import classify, guidelines, health, models, moderations, pool, review, review_page
+from service.routers import classify, guidelines, health, metrics, models, moderations, pool, review, review_page
 from service.security_headers import SecurityHeaders
 from service.storage_lifespan import open_storage
 
@@ -56,7 +57,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         if holder.current is None:
             log.warning("no servable model in %s yet; /readyz stays 503 until one is published", settings.registry_dir)
         batcher = MicroBatcher(
-            lambda: holder.current, max_size=settings.batch_max_size, max_wait_ms=settings.batch_max_wait_ms
+            lambda: holder.current,
+            max_size=settings.batch_max_size,
+            max_wait_ms=settings.batch_max_wait_ms,
+            on_batch=telemetry.BATCH_SIZE.observe,
         )
         batcher.start()
         app.state.settings, app.state.holder, app.state.batcher = settings, holder, batcher
@@ -98,12 +102,15 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             allow_headers=["Authorization", "Content-Type", "X-API-Key", "X-Client-Id"],
         )
     app.add_middleware(SecurityHeaders)  # on every answer, the 413s and 429s above included
+    app.add_middleware(HttpMetrics)  # outermost: it also times and counts what the body-size limit refuses
+    telemetry.expose_service_metrics()
 
     @app.exception_handler(RequestValidationError)
     async def validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
         return JSONResponse({"detail": describe_validation_error(exc)}, status_code=422)
 
     app.include_router(health.router)
+    app.include_router(metrics.router)
     app.include_router(classify.router)
     app.include_router(moderations.router, dependencies=[Depends(client_identity)])  # API keys, client id
     app.include_router(guidelines.router)

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 from fastapi import HTTPException, Request, status
 
+from guardloop import telemetry
 from models.onnx_model import Verdict
 from service.batcher import NoModelLoaded
 from service.model_holder import LoadedModel
@@ -56,7 +57,9 @@ async def classify_texts(request: Request, texts: list[str], *, pooled: int | No
     except NoModelLoaded as exc:
         raise HTTPException(status.HTTP_503_SERVICE_UNAVAILABLE, "no model loaded yet; retry shortly") from exc
     classified = ClassifiedTexts(texts, [model.classifier.verdict(row) for row in probs], model)
-    _offer_to_pool(request, classified, len(texts) if pooled is None else pooled)
+    callers_texts = len(texts) if pooled is None else pooled
+    telemetry.record_verdicts(classified.verdicts[:callers_texts])
+    _offer_to_pool(request, classified, callers_texts)
     return classified
 
 

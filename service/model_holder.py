@@ -12,6 +12,7 @@ import time
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
+from guardloop import telemetry
 from models.onnx_model import ModelLoadError, OnnxClassifier
 from models.registry import ModelCard, ModelRegistry, RegistryError
 
@@ -49,6 +50,9 @@ class ModelHolder:
     # Versions that failed to load, with why; not retried by the poller (a reload forces a retry).
     refused: dict[str, str] = field(default_factory=dict)
 
+    def __post_init__(self) -> None:
+        telemetry.record_no_model()  # a new holder serves nothing until its first load
+
     @property
     def current(self) -> LoadedModel | None:
         return self._current
@@ -74,11 +78,13 @@ class ModelHolder:
             except (ModelLoadError, RegistryError, OSError, ValueError) as exc:
                 reason = str(exc)
                 self.refused[version] = reason
+                telemetry.MODEL_SWAPS_REFUSED.inc()
                 log.error("refused model version %s: %s (still serving %s)", version, reason, self.version)
                 return SwapResult(version, swapped=False, reason=reason)
             previous = self.version
             self._current = LoadedModel(classifier, card, datetime.now(UTC), time.perf_counter() - started)
             self.refused.pop(version, None)
+            telemetry.record_model_served(version, self._current.load_seconds, replaced=previous is not None)
             log.info("now serving model %s (was %s), loaded in %.2fs", version, previous, self._current.load_seconds)
             return SwapResult(version, swapped=True)
 

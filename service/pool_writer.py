@@ -23,6 +23,7 @@ from datetime import UTC, datetime
 from sqlalchemy.exc import InterfaceError, OperationalError
 from sqlalchemy.exc import TimeoutError as PoolTimeout
 
+from guardloop import telemetry
 from guardloop.storage import RANDOM_SAMPLE, UNCERTAIN, DatabaseUnavailable, PoolRecord, WriteOutcome
 from models.onnx_model import Verdict
 
@@ -131,6 +132,7 @@ class PoolWriter:
             with self._lock:
                 self._offered += 1
                 self._dropped += 1
+            telemetry.POOL_DROPPED.inc()
             return False
         with self._lock:
             self._offered += 1
@@ -169,6 +171,7 @@ class PoolWriter:
             with self._lock:
                 self._dropped += lost
                 self._pending = []
+            telemetry.POOL_DROPPED.inc(lost)
             log.warning("pool writer stopped with %d unwritten records (counted as dropped)", lost)
 
     # ------------------------------------------------------------------ the writer thread
@@ -232,6 +235,7 @@ class PoolWriter:
                 self._failed(exc, 1)
                 with self._lock:
                     self._dropped += 1
+                telemetry.POOL_DROPPED.inc()
 
     def _succeeded(self, outcome: WriteOutcome) -> None:
         with self._lock:
@@ -242,6 +246,8 @@ class PoolWriter:
             self._last_error = None
             self._last_write_at = datetime.now(UTC)
             self._pending = []
+        telemetry.POOL_WRITES.inc(outcome.new_items)
+        telemetry.POOL_DUPLICATES.inc(outcome.repeats)
 
     def _failed(self, exc: BaseException, size: int) -> None:
         # Only the first line of the driver's message: the full one may quote the records' text.

@@ -1,4 +1,5 @@
-"""The service's storage for its lifetime: the database, the pool logger and its writer thread, the purge job.
+"""The service's storage for its lifetime: the database, the pool logger and its writer thread, the purge job,
+the database gauges of /metrics.
 
 A database that is down at start-up does not stop the service: /classify serves, the pool writer buffers and
 retries (it applies the migrations once the database answers), and /review answers 503 until then.
@@ -17,6 +18,7 @@ from fastapi import FastAPI
 
 from guardloop.settings import Settings
 from guardloop.storage import Database, PoolRepository, StorageError
+from service.metrics import refresh_database_gauges
 from service.pool_writer import PoolLogger, PoolSampler, PoolWriter
 
 log = logging.getLogger(__name__)
@@ -76,12 +78,16 @@ async def open_storage(app: FastAPI, settings: Settings) -> AsyncIterator[None]:
     purger = asyncio.create_task(
         purge_periodically(database, settings.pool_retention_days, settings.pool_purge_interval_seconds)
     )
+    gauges = asyncio.create_task(
+        refresh_database_gauges(database, settings.review_labels_per_item, settings.metrics_refresh_seconds)
+    )
     try:
         yield
     finally:
-        purger.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await purger
+        for task in (purger, gauges):
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
         if pool is not None:
             await asyncio.to_thread(pool.writer.stop)
         database.dispose()

@@ -10,6 +10,7 @@ from typing import Annotated
 
 from fastapi import APIRouter, HTTPException, Query, status
 
+from guardloop import telemetry
 from guardloop.labels import LABELS, UnknownLabelError, parse_label
 from guardloop.storage import (
     NON_LABELS,
@@ -137,7 +138,10 @@ def add_label(
     label = parse_answer(body.label)
     comment = checked_comment(body.comment, settings.review_max_comment_chars)
     with review_errors():
-        return LabelOut.of(_reviews(database, settings).add_label(item_id, reviewer, label, comment))
+        given = LabelOut.of(_reviews(database, settings).add_label(item_id, reviewer, label, comment))
+    if label in LABELS:  # skip / unsure are answers, not labels
+        telemetry.LABELS_GIVEN.labels(reviewer=reviewer).inc()
+    return given
 
 
 @router.put(
@@ -229,4 +233,6 @@ def adjudicate(
     label = parse_answer(body.label, allow_non_labels=False)
     comment = checked_comment(body.comment, settings.review_max_comment_chars)
     with review_errors():
-        return LabelOut.of(_reviews(database, settings).adjudicate(item_id, reviewer, label, comment))
+        given = LabelOut.of(_reviews(database, settings).adjudicate(item_id, reviewer, label, comment))
+    telemetry.LABELS_GIVEN.labels(reviewer=reviewer).inc()
+    return given

@@ -25,11 +25,13 @@ from typing import Any
 import numpy as np
 from filelock import FileLock, Timeout
 from sqlalchemy import text
+from sqlalchemy.exc import SQLAlchemyError
 
+from guardloop import telemetry
 from guardloop.datafiles import Example, load_examples
 from guardloop.labels import LABELS
 from guardloop.settings import Settings
-from guardloop.storage import Database, LabelRequest, PoolRepository, ReviewRepository, StoredItem
+from guardloop.storage import Database, LabelRequest, PoolRepository, ReviewRepository, StorageError, StoredItem
 from guardloop.storage.cycles import (
     AWAITING_LABELS,
     FAILED,
@@ -159,6 +161,7 @@ class CycleRunner:
         self.pool = PoolRepository(self.database)
         self.reviews = ReviewRepository(self.database, labels_per_item=self.settings.review_labels_per_item)
         self.cycles = CycleRepository(self.database)
+        telemetry.expose_trainer_metrics()  # a process that runs cycles exports the cycle, LLM and variation metrics
 
     # ------------------------------------------------------------------------------------- entry point
     def run(self, *, now: datetime | None = None) -> CycleView:
@@ -178,7 +181,22 @@ class CycleRunner:
             except Exception as exc:
                 log.exception("cycle %s failed", cycle.id)
                 self.cycles.update(cycle.id, status=FAILED, reason=f"{type(exc).__name__}: {exc}", steps=self._steps)
-            return self.cycles.get(cycle.id)  # type: ignore[return-value]
+            finished: CycleView = self.cycles.get(cycle.id)  # type: ignore[assignment]
+        telemetry.record_cycle_outcome(finished.status)  # skipped and still-waiting runs are not outcomes
+        if finished.status == PROMOTED:
+            self.export_last_promoted()
+        return finished
+
+    def export_last_promoted(self) -> None:
+        """Set the last promoted model's gauges from the database (also at trainer start, so a restart keeps them)."""
+        try:
+            self.database.ensure_schema()
+            last = self.cycles.last_promoted()
+        except (StorageError, SQLAlchemyError) as exc:  # best effort: the next promotion sets them anyway
+            log.warning("last promoted model's metrics not exported: %s", exc)
+            return
+        if last is not None and last.metrics.get("candidate"):
+            telemetry.record_promoted_model(last.metrics["candidate"])
 
     def _fail_interrupted(self) -> None:
         # We hold the lock, so an in-progress cycle that is not waiting for people belongs to a dead process.
@@ -186,6 +204,7 @@ class CycleRunner:
             if cycle.status != AWAITING_LABELS:
                 log.warning("cycle %s was interrupted during %s; marking it failed", cycle.id, cycle.status)
                 self.cycles.update(cycle.id, status=FAILED, reason=f"interrupted during {cycle.status}")
+                telemetry.record_cycle_outcome(FAILED)  # its own process died before it could count it
 
     def _start(self) -> CycleView:
         cycle_id = f"c{datetime.now(UTC):%Y%m%d-%H%M%S}-{secrets.token_hex(2)}"
@@ -206,6 +225,7 @@ class CycleRunner:
         self._steps.append({"step": name, "seconds": round(seconds, 2), **detail})
         self.cycles.update(cycle.id, steps=self._steps)
         log.info("cycle %s: %s done in %.1fs %s", cycle.id, name, seconds, detail or "")
+        telemetry.CYCLE_STEP_SECONDS.labels(step=name).observe(seconds)
         if self.on_step:
             self.on_step(name, seconds)
 

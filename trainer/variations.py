@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from guardloop import telemetry
 from guardloop.labels import LABELS, label_index, parse_label
 
 if TYPE_CHECKING:
@@ -324,20 +325,21 @@ class VariationResult:
 
 @dataclass
 class VariationStats:
-    """Running totals of one generator; the counters behind guardloop_llm_* and guardloop_variations_total.
+    """Running totals of one generator, per HTTP attempt. The Prometheus metrics (guardloop_llm_*, counted in
+    `_count`) count per item instead: one request with its retries, failed when no usable answer came.
 
     Not locked: one generator belongs to one thread (readers only ever see slightly stale numbers).
     """
 
-    requests: int = 0  # HTTP requests sent, retries included (guardloop_llm_requests_total)
-    failures: Counter[str] = field(default_factory=Counter)  # failed requests by reason (guardloop_llm_failures_total)
+    requests: int = 0  # HTTP requests sent, retries included
+    failures: Counter[str] = field(default_factory=Counter)  # failed attempts by reason
     retries: int = 0
-    request_seconds: float = 0.0  # sum of request latencies (guardloop_llm_request_duration_seconds)
+    request_seconds: float = 0.0  # sum of request latencies
     completion_tokens: int = 0
     items: int = 0
     items_failed: int = 0
-    accepted: int = 0  # guardloop_variations_total{outcome="accepted"}
-    filtered: Counter[str] = field(default_factory=Counter)  # guardloop_variations_total{outcome="filtered"} by reason
+    accepted: int = 0
+    filtered: Counter[str] = field(default_factory=Counter)  # by reason
 
     @property
     def failures_total(self) -> int:
@@ -609,6 +611,9 @@ class VariationGenerator:
         self.stats.accepted += len(result.accepted)
         self.stats.filtered.update(result.filtered)
         self.stats.completion_tokens += result.completion_tokens
+        if result.attempts:  # sent: one LLM request for the Prometheus metrics, its retries included
+            telemetry.record_llm_request(result.seconds, failed=result.failed)
+        telemetry.record_variations(len(result.accepted), sum(result.filtered.values()))
 
     # ----------------------------------------------------------------------------------------- one request
     def _request(self, messages: list[dict[str, str]], result: VariationResult) -> tuple[str, int]:

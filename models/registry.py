@@ -218,6 +218,11 @@ class ModelRegistry:
                 f"another process has held {self.root / LOCK_FILE} for over {self._lock_timeout:.0f} s; "
                 "wait for its publish to finish or stop it"
             ) from exc
+        except OSError as exc:  # a read-only volume (as the service pods mount it), a full disk, no permission
+            raise RegistryError(
+                f"cannot write to the registry {self.root} ({exc.strerror or exc}); publish, promote and rollback "
+                "need it mounted read-write with free space"
+            ) from exc
 
     def publish(self, staging_dir: Path, card: ModelCard, *, make_current: bool = True) -> str:
         """Copy `staging_dir` into the registry as version `card.version`; return the version name."""
@@ -232,11 +237,17 @@ class ModelRegistry:
                 raise RegistryError(f"version {version!r} already exists in {self.root}; pick a new name")
             tmp = self.root / f"{STAGING_PREFIX}{version}-{secrets.token_hex(4)}"
             try:
-                shutil.copytree(staging_dir, tmp)
-                (tmp / CARD_FILE).write_text(card.model_dump_json(indent=2) + "\n", encoding="utf-8")
-                # Checked on the copy, not on staging_dir, so what is checked is what gets published.
-                self._check_artifacts(tmp, card)
-                _fsync_tree(tmp)
+                try:
+                    shutil.copytree(staging_dir, tmp)
+                    (tmp / CARD_FILE).write_text(card.model_dump_json(indent=2) + "\n", encoding="utf-8")
+                    # Checked on the copy, not on staging_dir, so what is checked is what gets published.
+                    self._check_artifacts(tmp, card)
+                    _fsync_tree(tmp)
+                except OSError as exc:  # shutil.Error (a list of failed files) is an OSError too
+                    reason = exc.strerror or str(exc).splitlines()[0][:300]
+                    raise RegistryError(
+                        f"cannot write version {version!r} into {self.root} ({reason}); nothing was published"
+                    ) from exc
                 try:
                     os.rename(tmp, final)
                 except OSError as exc:

@@ -9,16 +9,18 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 from fastapi import Depends, FastAPI, Request
+from fastapi.exception_handlers import http_exception_handler
 from fastapi.exceptions import RequestValidationError
 from fastapi.middleware.cors import CORSMiddleware
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from guardloop import __version__, telemetry
 from guardloop.settings import Settings
 from models.registry import ModelRegistry
 from service.auth import client_identity
 from service.batcher import MicroBatcher
-from service.errors import describe_validation_error
+from service.errors import describe_validation_error, document_validation_errors_as_text, http_error_detail
 from service.guideline_store import GuidelineStore, watch_guidelines
 from service.limits import BodySizeLimit
 from service.metrics import HttpMetrics
@@ -104,6 +106,13 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.add_middleware(SecurityHeaders)  # on every answer, the 413s and 429s above included
     app.add_middleware(HttpMetrics)  # outermost: it also times and counts what the body-size limit refuses
     telemetry.expose_service_metrics()
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, exc: StarletteHTTPException) -> Response:
+        clearer = StarletteHTTPException(exc.status_code, http_error_detail(exc), exc.headers)
+        return await http_exception_handler(request, clearer)
+
+    document_validation_errors_as_text(app)
 
     @app.exception_handler(RequestValidationError)
     async def validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:

@@ -5,10 +5,11 @@ from __future__ import annotations
 from collections.abc import Callable, Coroutine
 from typing import Any
 
-from fastapi import HTTPException, Request, Response
+from fastapi import FastAPI, Request, Response
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from fastapi.routing import APIRoute
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 
 def describe_validation_error(exc: RequestValidationError) -> str:
@@ -18,6 +19,38 @@ def describe_validation_error(exc: RequestValidationError) -> str:
         where = ".".join(str(p) for p in err.get("loc", ()))
         problems.append(f"{where}: {err.get('msg', 'invalid')}" if where else err.get("msg", "invalid"))
     return "; ".join(problems)
+
+
+def document_validation_errors_as_text(app: FastAPI) -> None:
+    """Make the OpenAPI schema say what a 422 really holds: `detail` is one string (describe_validation_error),
+    not FastAPI's default list of objects, which every route without its own 422 entry would otherwise claim."""
+    build_schema = app.openapi
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is None:
+            schema = build_schema()
+            schemas = schema.get("components", {}).get("schemas", {})
+            if "HTTPValidationError" in schemas:
+                schemas["HTTPValidationError"] = {
+                    "title": "HTTPValidationError",
+                    "type": "object",
+                    "properties": {"detail": {"type": "string", "title": "Detail", "description": "what to fix"}},
+                    "required": ["detail"],
+                }
+        return app.openapi_schema  # type: ignore[return-value]  (set by build_schema)
+
+    app.openapi = openapi  # type: ignore[method-assign]
+
+
+# FastAPI's wording when it cannot even decode a body (not UTF-8) says nothing about what to fix; ours does.
+_FASTAPI_UNREADABLE_BODY = "There was an error parsing the body"
+UNREADABLE_BODY = "the body is not valid UTF-8; send JSON encoded as UTF-8"
+
+
+def http_error_detail(exc: StarletteHTTPException) -> str:
+    if exc.status_code == 400 and exc.detail == _FASTAPI_UNREADABLE_BODY:
+        return UNREADABLE_BODY
+    return str(exc.detail)
 
 
 _OPENAI_ERROR_TYPES = {401: "authentication_error", 403: "permission_error", 429: "rate_limit_exceeded"}
@@ -45,7 +78,7 @@ class OpenAIErrorRoute(APIRoute):
                 return await handler(request)
             except RequestValidationError as exc:
                 return openai_error_response(422, describe_validation_error(exc))
-            except HTTPException as exc:
-                return openai_error_response(exc.status_code, str(exc.detail), exc.headers)
+            except StarletteHTTPException as exc:  # FastAPI raises Starlette's own for a body it cannot read
+                return openai_error_response(exc.status_code, http_error_detail(exc), exc.headers)
 
         return handle

@@ -8,7 +8,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Annotated
 
-from fastapi import APIRouter, HTTPException, Query, status
+from fastapi import APIRouter, HTTPException, Path, Query, status
 
 from guardloop import telemetry
 from guardloop.labels import LABELS, UnknownLabelError, parse_label
@@ -49,6 +49,10 @@ router = APIRouter(
         503: {"model": ErrorResponse, "description": "database unavailable"},
     },
 )
+
+# Pool item ids are 64-bit database integers: a larger number is a 422 here, not an overflow in the database driver
+# (a 500 that schemathesis found).
+ItemId = Annotated[int, Path(ge=1, le=2**63 - 1, description="a pool item's id")]
 
 _STATUS_OF = {
     ItemNotFound: status.HTTP_404_NOT_FOUND,
@@ -133,7 +137,7 @@ def queue(
     summary="Answer an item: one of the six labels, or skip / unsure (with an optional comment)",
 )
 def add_label(
-    item_id: int, body: LabelBody, reviewer: ReviewerName, database: DatabaseDep, settings: SettingsDep
+    item_id: ItemId, body: LabelBody, reviewer: ReviewerName, database: DatabaseDep, settings: SettingsDep
 ) -> LabelOut:
     label = parse_answer(body.label)
     comment = checked_comment(body.comment, settings.review_max_comment_chars)
@@ -151,7 +155,7 @@ def add_label(
     summary="Correct your answer for an item (the old one stays in the history)",
 )
 def correct_label(
-    item_id: int, body: LabelBody, reviewer: ReviewerName, database: DatabaseDep, settings: SettingsDep
+    item_id: ItemId, body: LabelBody, reviewer: ReviewerName, database: DatabaseDep, settings: SettingsDep
 ) -> LabelOut:
     label = parse_answer(body.label)
     comment = checked_comment(body.comment, settings.review_max_comment_chars)
@@ -177,7 +181,7 @@ def undo(reviewer: ReviewerName, database: DatabaseDep, settings: SettingsDep) -
     responses={404: {"model": ErrorResponse}},
     summary="One item with every answer it ever got",
 )
-def item_history(item_id: int, reviewer: ReviewerName, database: DatabaseDep, settings: SettingsDep) -> ItemHistory:
+def item_history(item_id: ItemId, reviewer: ReviewerName, database: DatabaseDep, settings: SettingsDep) -> ItemHistory:
     with review_errors():
         labels = _reviews(database, settings).history(item_id)
         return ItemHistory(item=_item(database, item_id), labels=[LabelOut.of(label) for label in labels])
@@ -228,7 +232,7 @@ def adjudication_queue(
     summary="Decide a disputed item (a later adjudication replaces an earlier one, history kept)",
 )
 def adjudicate(
-    item_id: int, body: AdjudicationBody, reviewer: ReviewerName, database: DatabaseDep, settings: SettingsDep
+    item_id: ItemId, body: AdjudicationBody, reviewer: ReviewerName, database: DatabaseDep, settings: SettingsDep
 ) -> LabelOut:
     label = parse_answer(body.label, allow_non_labels=False)
     comment = checked_comment(body.comment, settings.review_max_comment_chars)

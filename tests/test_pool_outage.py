@@ -105,7 +105,7 @@ def test_postgres_stopped_during_load(settings, registry, tmp_path):
                 | {
                     "database_url": postgres.url,
                     "pool_uncertainty_threshold": 0.0,  # every result is pooled: each call is one record
-                    "pool_queue_size": 50,
+                    "pool_queue_size": 300,  # room for scheduling hiccups of a busy machine while it is up
                     "pool_batch_size": 20,
                     "pool_flush_seconds": 0.05,
                 }
@@ -128,14 +128,14 @@ def test_postgres_stopped_during_load(settings, registry, tmp_path):
                 return client.get("/admin/pool", headers=admin).json()["writer"]
 
             before = load(100, "before")
-            assert wait_for(lambda: writer()["written"] == 100, timeout=20)
+            assert wait_for(lambda: writer()["written"] == 100, timeout=20), writer()
             assert pool_rows(postgres.url) == 100
 
             postgres.stop()
-            during = load(300, "during")
+            during = load(800, "during")
             assert wait_for(lambda: writer()["write_errors"] >= 1, timeout=10)
             down = writer()
-            assert down["dropped"] >= 300 - 50 - 20  # beyond the bound (queue + the batch in hand) it drops
+            assert down["dropped"] >= 800 - 300 - 20  # beyond the bound (queue + the batch in hand) it drops
             assert down["last_error"]
 
             postgres.start()
@@ -143,15 +143,15 @@ def test_postgres_stopped_during_load(settings, registry, tmp_path):
             assert wait_for(lambda: writer()["queued"] == 0 and writer()["last_error"] is None, timeout=30)
             final = writer()
 
-        assert set(statuses) == {200} and len(statuses) == 500  # zero 5xx, every request answered
+        assert set(statuses) == {200} and len(statuses) == 1000  # zero 5xx, every request answered
         assert max(during) < 1.0
         assert statistics.median(during) < 3 * statistics.median(before) + 0.01
         # Writing resumed by itself: what was buffered and everything after the restart is in the table,
         # and nothing written before the outage was lost.
         rows = pool_rows(postgres.url)
-        assert rows == 100 + (300 - final["dropped"]) + 100
+        assert rows == 100 + (800 - final["dropped"]) + 100
         # Every text is distinct, so a "duplicate" can only be a batch whose commit reached the server just as
         # it went down and was retried: the upsert makes the retry land on the same rows, never on new ones.
         assert final["written"] + final["duplicates"] == rows
-        assert final["offered"] == 500 == final["written"] + final["duplicates"] + final["dropped"]
+        assert final["offered"] == 1000 == final["written"] + final["duplicates"] + final["dropped"]
         assert len(after) == 100

@@ -349,6 +349,21 @@ class ReviewRepository:
             request_reason=item.request_reason,
         )
 
+    def my_label_count(self, reviewer: str) -> int:
+        """`reviewer`'s live labels (skips and unsure not counted): cheap, for every page refresh."""
+        with self.database.read() as session:
+            return (
+                session.scalar(
+                    select(func.count()).where(
+                        Label.reviewer == reviewer,
+                        Label.active.is_(True),
+                        Label.kind == REVIEW,
+                        Label.label.in_(LABELS),
+                    )
+                )
+                or 0
+            )
+
     def stats(self, reviewer: str | None = None) -> ReviewStats:
         stats = ReviewStats()
         finals = self.final_labels()

@@ -118,13 +118,13 @@ def queue(
     limit: Annotated[int, Query(ge=1, le=100, description="how many items")] = 1,
 ) -> QueueResponse:
     reviews = _reviews(database, settings)
-    with review_errors():
+    with review_errors():  # counts only: this runs after every answer, the full stats are GET /review/stats
         items = reviews.queue(reviewer, limit=limit)
-        stats = reviews.stats(reviewer)
+        queue_length, my_labels = reviews.queue_length(reviewer), reviews.my_label_count(reviewer)
     return QueueResponse(
         items=[ReviewItem.of(item) for item in items],
-        queue_length=stats.queue_length,
-        my_labels=stats.my_labels,
+        queue_length=queue_length,
+        my_labels=my_labels,
         labels_per_item=settings.review_labels_per_item,
     )
 

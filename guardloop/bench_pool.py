@@ -27,7 +27,7 @@ import httpx
 import typer
 
 from guardloop.settings import Settings
-from guardloop.storage import UNCERTAIN, Database, PoolRepository, safe_url
+from guardloop.storage import UNCERTAIN, Database, PoolRepository, StorageError, safe_url
 from guardloop.storage.texts import normalize_text, text_hash
 
 SEED_DIR = Path(__file__).parent / "seed"
@@ -183,11 +183,11 @@ def run_pool_bench(
     seed: int,
     settings: Settings,
 ) -> None:
-    from guardloop.cli import UserError
-    from models.registry import ModelRegistry
+    from models.registry import ModelRegistry, RegistryError
 
+    # Errors the CLI prints as one line (not cli.UserError: under `python -m guardloop.cli` that is another class).
     if ModelRegistry(registry_dir).current() is None:
-        raise UserError(f"no current model in {registry_dir}; train one (guardloop train) or pass --registry-dir")
+        raise RegistryError(f"no current model in {registry_dir}; train one (guardloop train) or pass --registry-dir")
     threshold = settings.pool_uncertainty_threshold
     with tempfile.TemporaryDirectory(prefix="guardloop-bench-pool-") as tmp_name:
         tmp = Path(tmp_name)
@@ -196,7 +196,7 @@ def run_pool_bench(
         database.ensure_schema()
         pool = PoolRepository(database)
         if pool.count():
-            raise UserError(
+            raise StorageError(
                 f"the pool at {safe_url(database.url)} is not empty; point --database-url at an empty database"
             )
         texts = text_mix(calls, distinct_share, seed)

@@ -3,15 +3,19 @@
 from __future__ import annotations
 
 import json
+import re
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
+import pytest
 from sqlalchemy import select
 
 from guardloop.labels import LABELS
 from guardloop.storage import UNCERTAIN, Database, PoolRecord, PoolRepository, ReviewerRepository
 from guardloop.storage.tables import Reviewer
+from models.registry import ModelRegistry
 from tests.test_cli import assert_one_line_error, run_cli
+from tests.tiny_onnx import publish_tiny
 
 
 def env_for(tmp_path: Path) -> dict[str, str]:
@@ -93,3 +97,33 @@ def test_a_bad_or_unreachable_database_is_one_line(tmp_path):
     result = run_cli("reviewers", "list", env=dead)
     assert_one_line_error(result, "unavailable")
     assert "secret-pw" not in result.stderr  # the password is masked in messages
+
+
+@pytest.mark.slow
+def test_bench_pool_runs_end_to_end_and_checks_the_pool(tmp_path):
+    registry = ModelRegistry(tmp_path / "registry")
+    publish_tiny(registry, tmp_path, seed=1)
+    result = run_cli(
+        "bench",
+        "pool",
+        "--calls",
+        "40",
+        "--registry-dir",
+        str(registry.root),
+        "--uncertainty-threshold",
+        "0.95",
+        env=env_for(tmp_path),
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    out = result.stdout
+    assert "ratio on / off" in out and "pool on" in out and "pool off" in out
+    assert "duplicate rows: 0 by hash, 0 by normalized text; hash mismatches 0" in out
+    expected = re.search(r"uncertain rows (\d+) \(expected (\d+),", out)
+    assert expected and expected.group(1) == expected.group(2)
+    assert "dropped 0" in out
+
+
+def test_bench_pool_refuses_an_empty_registry(tmp_path):
+    result = run_cli("bench", "pool", "--registry-dir", str(tmp_path / "none"), env=env_for(tmp_path))
+    assert_one_line_error(result, "no current model")

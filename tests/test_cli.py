@@ -128,7 +128,18 @@ def test_train_exports_verifies_and_publishes_a_real_model(tmp_path, cli_env):
     lines = (SEED / "train.jsonl").read_text(encoding="utf-8").splitlines()
     small = tmp_path / "small.jsonl"
     small.write_text("\n".join(lines[::3]) + "\n", encoding="utf-8")
-    result = run_cli("train", "--data", str(small), "--dev", str(SEED / "eval.jsonl"), "--epochs", "2", env=cli_env)
+    result = run_cli(
+        "train",
+        "--data",
+        str(small),
+        "--dev",
+        str(SEED / "eval.jsonl"),
+        "--epochs",
+        "3",
+        "--learning-rate",
+        "1e-4",
+        env=cli_env,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     version = result.stdout.strip().splitlines()[-1]
     registry = ModelRegistry(tmp_path / "registry")

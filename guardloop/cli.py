@@ -752,6 +752,36 @@ def bench_classify(
     run_classify_bench(url, requests=requests, concurrency=concurrency, reference=reference, api_key=api_key)
 
 
+@bench_app.command("soak")
+@friendly_errors
+def bench_soak(
+    seconds: Annotated[float, typer.Option(min=5, help="length of the phase with hot-swaps")] = 60,
+    baseline_seconds: Annotated[float, typer.Option(min=5, help="length of the no-swap phase before it")] = 60,
+    rate: Annotated[float, typer.Option(min=1, help="/classify requests per second (open loop)")] = 100,
+    swap_every: Annotated[float, typer.Option(min=0.5, help="seconds between two hot-swaps")] = 5,
+    interval: Annotated[float, typer.Option(min=1, help="seconds per printed row")] = 5,
+    memory_bound_mb: Annotated[float, typer.Option(help="largest memory growth after warm-up that passes")] = 50,
+    registry_dir: Annotated[Path | None, typer.Option(help="whose current model to run (default: settings)")] = None,
+) -> None:
+    """Steady load from a second process while models are hot-swapped and a reviewer labels: requests, errors,
+    p50/p99 and memory over time, a no-swap baseline first. Exit 1 when a target is missed."""
+    from guardloop.bench_soak import run_soak_bench
+
+    settings = load_settings()
+    met = run_soak_bench(
+        settings=settings,
+        registry_dir=registry_dir or settings.registry_dir,
+        seconds=seconds,
+        baseline_seconds=baseline_seconds,
+        rate=rate,
+        swap_every=swap_every,
+        interval=interval,
+        memory_bound_mb=memory_bound_mb,
+    )
+    if not met:
+        raise typer.Exit(1)
+
+
 # --------------------------------------------------------------------------------------------- pool, reviewers
 pool_app = typer.Typer(help="The pool of uncertain traffic: stats, export, purge.", no_args_is_help=True)
 reviewers_app = typer.Typer(help="Reviewer accounts for /review: add, list, rotate, revoke.", no_args_is_help=True)

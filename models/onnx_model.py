@@ -5,6 +5,7 @@ Torch-free on purpose: the serving image carries ONNX Runtime and tokenizers onl
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 from dataclasses import dataclass
@@ -46,6 +47,7 @@ class OnnxClassifier:
         threads: int = 1,
         max_seq_len: int = 128,
         model_file: str = "model.onnx",
+        tokenizer_from: OnnxClassifier | None = None,
     ) -> None:
         self.version = version
         self.model_dir = model_dir
@@ -63,13 +65,28 @@ class OnnxClassifier:
         self._reorder = np.array([model_labels.index(label) for label in LABELS])
         self.thresholds = {label: 0.5 for label in LABELS} | (thresholds or {})
 
+        self.max_seq_len = max_seq_len
         try:
-            self.tokenizer = Tokenizer.from_file(str(model_dir / "tokenizer.json"))
-        except Exception as exc:
+            tokenizer_json = (model_dir / "tokenizer.json").read_bytes()
+        except OSError as exc:
             raise ModelLoadError(f"{model_dir}/tokenizer.json: unreadable ({exc})") from exc
-        self.tokenizer.enable_truncation(max_length=max_seq_len)
-        pad_id = self.tokenizer.token_to_id("[PAD]")
-        self.tokenizer.enable_padding(pad_id=0 if pad_id is None else pad_id, pad_token="[PAD]")
+        self.tokenizer_digest = hashlib.sha256(tokenizer_json).hexdigest()
+        if (
+            tokenizer_from is not None
+            and tokenizer_from.tokenizer_digest == self.tokenizer_digest
+            and tokenizer_from.max_seq_len == max_seq_len
+        ):
+            # The same file as the model being replaced: share its tokenizer. Parsing one holds the GIL for
+            # 30-50 ms, which would stall every request on the event loop during a hot-swap.
+            self.tokenizer = tokenizer_from.tokenizer
+        else:
+            try:
+                self.tokenizer = Tokenizer.from_str(tokenizer_json.decode("utf-8"))
+            except Exception as exc:
+                raise ModelLoadError(f"{model_dir}/tokenizer.json: unreadable ({exc})") from exc
+            self.tokenizer.enable_truncation(max_length=max_seq_len)
+            pad_id = self.tokenizer.token_to_id("[PAD]")
+            self.tokenizer.enable_padding(pad_id=0 if pad_id is None else pad_id, pad_token="[PAD]")
 
         options = ort.SessionOptions()
         options.intra_op_num_threads = threads

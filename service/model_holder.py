@@ -15,6 +15,7 @@ from datetime import UTC, datetime
 from guardloop import telemetry
 from models.onnx_model import ModelLoadError, OnnxClassifier
 from models.registry import ModelCard, ModelRegistry, RegistryError
+from service.memory import return_freed_memory
 
 log = logging.getLogger(__name__)
 
@@ -47,6 +48,7 @@ class ModelHolder:
     threshold_overrides: dict[str, float] = field(default_factory=dict)
     _current: LoadedModel | None = None
     _lock: threading.Lock = field(default_factory=threading.Lock)
+    _replaced_since_trim: bool = False  # a model was dropped since the last return_freed_memory()
     # Versions that failed to load, with why; not retried by the poller (a reload forces a retry).
     refused: dict[str, str] = field(default_factory=dict)
 
@@ -64,17 +66,7 @@ class ModelHolder:
                 return SwapResult(version, swapped=False, reason="already serving this version")
             started = time.perf_counter()
             try:
-                card = self.registry.card(version)
-                classifier = OnnxClassifier(
-                    self.registry.path(version),
-                    version=version,
-                    thresholds=card.thresholds | self.threshold_overrides,
-                    threads=self.threads,
-                    max_seq_len=self.max_seq_len,
-                )
-                if list(card.labels) != classifier.model_labels:
-                    raise ModelLoadError(f"card labels {card.labels} do not match the model's labels")
-                classifier.warm_up()
+                card, classifier = self._build(version)
             except (ModelLoadError, RegistryError, OSError, ValueError) as exc:
                 reason = str(exc)
                 self.refused[version] = reason
@@ -84,12 +76,31 @@ class ModelHolder:
             previous = self.version
             self._current = LoadedModel(classifier, card, datetime.now(UTC), time.perf_counter() - started)
             self.refused.pop(version, None)
+            self._replaced_since_trim = previous is not None
             telemetry.record_model_served(version, self._current.load_seconds, replaced=previous is not None)
             log.info("now serving model %s (was %s), loaded in %.2fs", version, previous, self._current.load_seconds)
             return SwapResult(version, swapped=True)
 
+    def _build(self, version: str) -> tuple[ModelCard, OnnxClassifier]:
+        card = self.registry.card(version)
+        classifier = OnnxClassifier(
+            self.registry.path(version),
+            version=version,
+            thresholds=card.thresholds | self.threshold_overrides,
+            threads=self.threads,
+            max_seq_len=self.max_seq_len,
+            tokenizer_from=self._current.classifier if self._current else None,
+        )
+        if list(card.labels) != classifier.model_labels:
+            raise ModelLoadError(f"card labels {card.labels} do not match the model's labels")
+        classifier.warm_up()
+        return card, classifier
+
     def follow_registry(self, *, force: bool = False) -> SwapResult | None:
         """Swap to the registry's `current` version if it changed; None when there is nothing to do."""
+        if self._replaced_since_trim:  # requests on the model replaced a poll ago are long done: it is freed
+            self._replaced_since_trim = False
+            return_freed_memory()
         try:
             target = self.registry.current()
         except (RegistryError, OSError) as exc:

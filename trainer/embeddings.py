@@ -72,7 +72,10 @@ class SentenceEmbedder:
         """Unit-length vectors, one row per text; cached ones are not recomputed."""
         cache = self._load_cache()
         hashes = [text_hash(t) for t in texts]
-        missing = sorted({h: t for h, t in zip(hashes, texts, strict=True) if h not in cache}.items())
+        # Similar lengths share a batch, so little of each forward pass is spent on padding.
+        missing = sorted(
+            {h: t for h, t in zip(hashes, texts, strict=True) if h not in cache}.items(), key=lambda item: len(item[1])
+        )
         for start in range(0, len(missing), self.batch_size):
             chunk = missing[start : start + self.batch_size]
             for (h, _), vector in zip(chunk, self._encode([t for _, t in chunk]), strict=True):

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import re
+import socket
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -16,6 +17,7 @@ from fastapi.testclient import TestClient
 from guardloop.rates import Rate
 from guardloop.settings import Settings
 from guardloop.storage import Database, ReviewerRepository
+from models.registry import ModelRegistry
 from service.app import create_app
 from service.rate_limit import TokenBuckets
 from tests.conftest import ADMIN_TOKEN, live_server
@@ -266,6 +268,39 @@ def test_keys_and_tokens_never_reach_the_logs(settings, model, tmp_path, caplog)
     assert len(caplog.records) > 20  # plenty was logged, so the check below means something
     logged = caplog.text + "".join(str(record.args) for record in caplog.records)
     assert [secret for secret in secrets if secret in logged] == []
+
+
+def test_the_llm_api_key_never_reaches_the_logs(caplog):
+    """The variations client at DEBUG (the openai client logs its request options, httpx its connections) against an
+    endpoint that refuses: retries and failures are logged, the key is not."""
+    from trainer.variations import VariationConfig, VariationGenerator
+
+    caplog.set_level(logging.DEBUG)
+    secret = "sk-llm-secret-4c1d9e0b7a"
+    with socket.socket() as closed:
+        closed.bind(("127.0.0.1", 0))
+        port = closed.getsockname()[1]  # nothing listens once the socket is closed
+    config = VariationConfig(retries=1, backoff=0.01, timeout=2)
+    with VariationGenerator(config, base_url=f"http://127.0.0.1:{port}/v1", model="any", api_key=secret) as gen:
+        result = gen.generate("can my landlord keep my deposit", "legal-advice")
+    assert result.failed and len(caplog.records) >= 3
+    assert secret not in caplog.text + "".join(str(record.args) for record in caplog.records)
+
+
+# ------------------------------------------------------------------ paths
+def test_a_current_pointer_out_of_the_registry_is_never_followed(settings, registry, tmp_path):
+    """Names read from files (the `current` pointer, cards) go through the same validation as names typed by an
+    operator (tests/test_registry.py): a pointer to '../elsewhere' or an absolute path loads nothing, even where a
+    complete model lies at that path. HTTP callers never name a file at all (review assets are a fixed list)."""
+    outside = ModelRegistry(tmp_path / "elsewhere")
+    version = publish_tiny(outside, tmp_path, seed=1)
+    for pointer in (f"../elsewhere/{version}", str(outside.root / version), f"{version}/../{version}"):
+        (registry.root / "current").write_text(pointer + "\n", encoding="utf-8")
+        assert registry.current() is None
+        with client_for(settings) as client:
+            assert client.get("/readyz").status_code == 503
+            for asset in ("..%2F..%2Fapp.py", "%2Fetc%2Fpasswd", "review.js%00.py"):
+                assert client.get(f"/review/assets/{asset}").status_code == 404
 
 
 # ------------------------------------------------------------------ artifacts: no pickle

@@ -120,7 +120,10 @@ class Background:
 
     def _sample(self) -> None:
         while not self.stop.wait(1.0):
-            self.memory.append((time.time(), resident_mb(self.pid)))
+            try:
+                self.memory.append((time.time(), resident_mb(self.pid)))
+            except (OSError, RuntimeError):  # the service is gone: the report says why
+                return
 
     def _review(self) -> None:
         """Ask for labels the way the trainer does (straight into the database), and label them over HTTP."""
@@ -160,7 +163,13 @@ class Background:
                 n += 1
                 target = self.versions[n % 2]
                 self.registry.promote(target)
-                answer = client.post("/admin/reload")
+                try:
+                    answer = client.post("/admin/reload")
+                except httpx.HTTPError as exc:
+                    self.problems.append(f"swap to {target}: {type(exc).__name__}: {exc}")
+                    self.swaps.append((time.time(), target, False))
+                    self.stop.wait(self.swap_every)
+                    continue
                 swapped = answer.status_code == 200 and answer.json().get("serving") == target
                 if not swapped:
                     self.problems.append(f"swap to {target} answered {answer.status_code}: {answer.text[:200]}")
@@ -264,6 +273,12 @@ def run_soak_bench(
             background.stop.set()
             for thread in threads:
                 thread.join(timeout=60)
+            if service.process.poll() is not None:  # it died under the load: say how, with its last words
+                log_tail = service.log_path.read_text(errors="replace").splitlines()[-30:]
+                background.problems.insert(
+                    0,
+                    f"the service exited with code {service.process.returncode}; its log ends:\n" + "\n".join(log_tail),
+                )
         finally:
             service.stop()
             database.dispose()
@@ -277,6 +292,7 @@ def run_soak_bench(
         end=swaps_from + seconds,
         interval=interval,
         memory_bound_mb=memory_bound_mb,
+        rate=rate,
     )
 
 
@@ -289,6 +305,7 @@ def report(
     end: float,
     interval: float,
     memory_bound_mb: float,
+    rate: float,
 ) -> bool:
     windows = [Window(baseline_from - WARM_UP_SECONDS, baseline_from, "warm-up")]
     edges = [baseline_from + i * interval for i in range(round((end - baseline_from) / interval) + 1)]
@@ -339,6 +356,14 @@ def report(
             f"at most, {first:.1f} -> {last:.1f} MB after warm-up ({growth:+.1f} MB; lowest of the first and "
             "the last 5 s)"
         )
+    # Open loop: a request leaves at its scheduled time unless the sending process itself is starved of CPU.
+    # Sent late, the load was not the one asked for and the latencies measure a queue, not the service.
+    behind = max((s.at for s in samples), default=end) - end
+    if behind > 1.0:
+        typer.echo(
+            f"the load fell {behind:.0f} s behind its schedule: this machine cannot send and serve {rate:g} "
+            "requests/s; lower --rate"
+        )
     for problem in background.problems[:10]:
         typer.echo(f"problem: {problem}")
     targets = [
@@ -346,6 +371,7 @@ def report(
         ("p99 with swaps <= 2x baseline", swap_p99 <= 2 * base_p99),
         (f"memory growth after warm-up <= {memory_bound_mb:g} MB", growth <= memory_bound_mb),
         ("every swap done", bool(background.swaps) and len(done_swaps) == len(background.swaps)),
+        ("load sent on schedule (within 1 s)", behind <= 1.0),
     ]
     for name, met in targets:
         typer.echo(f"{'PASS' if met else 'FAIL'}  {name}")

@@ -757,7 +757,7 @@ def bench_classify(
 def bench_soak(
     seconds: Annotated[float, typer.Option(min=5, help="length of the phase with hot-swaps")] = 60,
     baseline_seconds: Annotated[float, typer.Option(min=5, help="length of the no-swap phase before it")] = 60,
-    rate: Annotated[float, typer.Option(min=1, help="/classify requests per second (open loop)")] = 100,
+    rate: Annotated[float, typer.Option(min=1, help="/classify requests per second (open loop)")] = 50,
     swap_every: Annotated[float, typer.Option(min=0.5, help="seconds between two hot-swaps")] = 5,
     interval: Annotated[float, typer.Option(min=1, help="seconds per printed row")] = 5,
     memory_bound_mb: Annotated[float, typer.Option(help="largest memory growth after warm-up that passes")] = 50,

@@ -8,6 +8,7 @@ import json
 import statistics
 import time
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import httpx
 import typer
@@ -24,33 +25,84 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, round(q / 100 * (len(ordered) - 1)))]
 
 
-def http_latency(url: str, texts: list[str], n: int, headers: dict[str, str]) -> list[float]:
+class HttpConnection:
+    """A minimal HTTP/1.1 keep-alive client on one socket.
+
+    The load generator shares the machine's two cores with the server; httpx spends about as much CPU per
+    request as the server does, so it would measure itself. This one only writes bytes and reads a response.
+    """
+
+    def __init__(self, url: str, headers: dict[str, str]) -> None:
+        parts = urlsplit(url)
+        self.host, self.port = parts.hostname or "127.0.0.1", parts.port or 80
+        extra = "".join(f"{name}: {value}\r\n" for name, value in headers.items())
+        self._head = f"POST /classify HTTP/1.1\r\nHost: {self.host}\r\nContent-Type: application/json\r\n{extra}"
+        self._reader: asyncio.StreamReader | None = None
+        self._writer: asyncio.StreamWriter | None = None
+
+    async def __aenter__(self) -> HttpConnection:
+        self._reader, self._writer = await asyncio.open_connection(self.host, self.port)
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        if self._writer is not None:
+            self._writer.close()
+
+    async def classify(self, body: bytes) -> int:
+        assert self._reader is not None and self._writer is not None
+        self._writer.write(f"{self._head}Content-Length: {len(body)}\r\n\r\n".encode() + body)
+        status = int((await self._reader.readline()).split()[1])
+        length = 0
+        while (line := await self._reader.readline()) not in (b"\r\n", b""):
+            name, _, value = line.partition(b":")
+            if name.strip().lower() == b"content-length":
+                length = int(value)
+        await self._reader.readexactly(length)
+        return status
+
+
+def _bodies(texts: list[str]) -> list[bytes]:
+    return [json.dumps({"text": text}).encode() for text in texts]
+
+
+async def http_latency(url: str, texts: list[str], n: int, headers: dict[str, str]) -> list[float]:
+    bodies = _bodies(texts)
     timings = []
-    with httpx.Client(base_url=url, headers=headers, timeout=30) as client:
+    async with HttpConnection(url, headers) as connection:
         for i in range(n + 20):
             start = time.perf_counter()
-            response = client.post("/classify", json={"text": texts[i % len(texts)]})
+            status = await connection.classify(bodies[i % len(bodies)])
             elapsed = time.perf_counter() - start
-            response.raise_for_status()
+            if status != 200:
+                raise typer.BadParameter(f"/classify answered {status}; is an API key needed (--api-key)?")
             if i >= 20:  # the first requests warm connections and caches
                 timings.append(elapsed * 1000)
     return timings
 
 
 async def http_throughput(url: str, texts: list[str], n: int, concurrency: int, headers: dict[str, str]) -> float:
-    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
-    async with httpx.AsyncClient(base_url=url, headers=headers, timeout=60, limits=limits) as client:
-        counter = iter(range(n))
+    bodies = _bodies(texts)
+    counter = iter(range(n))
+    failures = 0
 
-        async def worker() -> None:
+    async def worker() -> None:
+        nonlocal failures
+        async with HttpConnection(url, headers) as connection:
+            await connection.classify(bodies[0])
+            await ready.wait()
             for i in counter:
-                response = await client.post("/classify", json={"text": texts[i % len(texts)]})
-                response.raise_for_status()
+                failures += await connection.classify(bodies[i % len(bodies)]) != 200
 
-        await asyncio.gather(*(client.post("/classify", json={"text": t}) for t in texts[:concurrency]))
-        start = time.perf_counter()
-        await asyncio.gather(*(worker() for _ in range(concurrency)))
-        return n / (time.perf_counter() - start)
+    ready = asyncio.Event()
+    workers = [asyncio.create_task(worker()) for _ in range(concurrency)]
+    await asyncio.sleep(0.5)
+    start = time.perf_counter()
+    ready.set()
+    await asyncio.gather(*workers)
+    elapsed = time.perf_counter() - start
+    if failures:
+        raise typer.BadParameter(f"{failures} of {n} requests failed")
+    return n / elapsed
 
 
 def pipeline_reference(texts: list[str], n: int) -> tuple[list[float], float]:
@@ -87,7 +139,7 @@ def run_classify_bench(url: str, *, requests: int, concurrency: int, reference: 
         httpx.get(f"{url}/readyz", timeout=5).raise_for_status()
     except httpx.HTTPError as exc:
         raise typer.BadParameter(f"no ready service at {url} ({exc}); start one with `guardloop serve`") from None
-    lat = http_latency(url, texts, requests, headers)
+    lat = asyncio.run(http_latency(url, texts, requests, headers))
     thr = asyncio.run(http_throughput(url, texts, requests * 2, concurrency, headers))
     rows = [("guardloop HTTP /classify", percentile(lat, 50), percentile(lat, 99), statistics.mean(lat), thr)]
     if reference:

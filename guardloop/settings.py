@@ -35,6 +35,8 @@ class Settings(BaseSettings):
     max_text_chars: int = Field(4000, ge=1, description="most characters in one text")
     max_body_bytes: int = Field(1_048_576, ge=1024, description="request bodies above this are refused unread")
     admin_token: SecretStr | None = None
+    # One log line per request costs the event loop about as much as routing it; /metrics counts requests anyway.
+    access_log: bool = Field(False, description="uvicorn's per-request access log")
     metrics_refresh_seconds: float = Field(
         15.0, gt=0, description="how often /metrics' pool and review-queue gauges are read from the database"
     )

@@ -80,6 +80,9 @@ class MicroBatcher:
         loop = asyncio.get_running_loop()
         while True:
             batch = [await self._queue.get()]
+            # One turn of the event loop lets requests whose bytes already arrived reach the queue: under load
+            # batches grow for free, and a lone request pays one loop iteration.
+            await asyncio.sleep(0)
             deadline = time.monotonic() + self._max_wait
             while len(batch) < self._max_size:
                 try:

@@ -131,7 +131,13 @@ def serve(
         scheduler = build_scheduler(settings, _guarded(runner.run), blocking=False)
         scheduler.start()
     try:
-        uvicorn.run(create_app(settings), host=host or settings.host, port=port or settings.port, log_level="info")
+        uvicorn.run(
+            create_app(settings),
+            host=host or settings.host,
+            port=port or settings.port,
+            log_level="info",
+            access_log=settings.access_log,
+        )
     finally:
         if scheduler is not None:
             scheduler.shutdown(wait=False)

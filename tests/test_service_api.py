@@ -156,10 +156,13 @@ def test_admin_disabled_without_a_configured_token(settings, registry, tmp_path)
         assert "GUARDLOOP_ADMIN_TOKEN" in response.json()["detail"]
 
 
-def test_admin_reload_swaps_to_a_newly_published_version(client, registry, tmp_path):
-    new = publish_tiny(registry, tmp_path, favour="legal-advice", seed=2)
-    response = client.post("/admin/reload", headers=ADMIN)
-    assert response.json() == {"serving": new, "swapped": True, "reason": ""}
-    body = client.post("/classify", json={"text": "anything at all"}).json()
-    assert body["model_version"] == new
-    assert body["results"][0]["label"] == "legal-advice"
+def test_admin_reload_swaps_to_a_newly_published_version(settings, registry, tmp_path):
+    publish_tiny(registry, tmp_path, seed=1)
+    # A long poll interval, so that the reload (not the poller) is what swaps.
+    with TestClient(create_app(settings.model_copy(update={"registry_poll_seconds": 600}))) as client:
+        new = publish_tiny(registry, tmp_path, favour="legal-advice", seed=2)
+        response = client.post("/admin/reload", headers=ADMIN)
+        assert response.json() == {"serving": new, "swapped": True, "reason": ""}
+        body = client.post("/classify", json={"text": "anything at all"}).json()
+        assert body["model_version"] == new
+        assert body["results"][0]["label"] == "legal-advice"

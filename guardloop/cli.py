@@ -265,6 +265,22 @@ def train(
     typer.echo(version)
 
 
+def _load_version(settings: Settings, model: str | None) -> tuple[str, Any, Any]:
+    """(version, card, classifier) of `model`, or of the current version."""
+    from models.onnx_model import OnnxClassifier
+    from models.registry import ModelRegistry
+
+    registry = ModelRegistry(settings.registry_dir)
+    version = model or registry.current()
+    if version is None:
+        raise UserError(f"no current model in {settings.registry_dir}; train one or pass --model VERSION")
+    card = registry.card(version)
+    classifier = OnnxClassifier(
+        registry.path(version), version=version, thresholds=card.thresholds, threads=2, max_seq_len=settings.max_seq_len
+    )
+    return version, card, classifier
+
+
 # --------------------------------------------------------------------------------------------- eval
 @app.command("eval")
 @friendly_errors
@@ -277,8 +293,6 @@ def evaluate(
     skip_bad_rows: Annotated[bool, typer.Option()] = False,
 ) -> None:
     """Accuracy, macro precision/recall/F1, per-class F1 and the confusion matrix of a served (ONNX) model."""
-    from models.onnx_model import OnnxClassifier
-    from models.registry import ModelRegistry
     from trainer.metrics import classification_report
 
     settings = load_settings()
@@ -288,18 +302,9 @@ def evaluate(
         label_column=_parse_column(label_column),
         skip_bad_rows=skip_bad_rows,
     )
-    registry = ModelRegistry(settings.registry_dir)
-    version = model or registry.current()
-    if version is None:
-        raise UserError(f"no current model in {settings.registry_dir}; train one or pass --model VERSION")
-    card = registry.card(version)
-    classifier = OnnxClassifier(
-        registry.path(version), version=version, thresholds=card.thresholds, threads=2, max_seq_len=settings.max_seq_len
-    )
+    version, _, classifier = _load_version(settings, model)
     texts = [ex.text for ex in loaded.examples]
-    preds: list[str] = []
-    for start in range(0, len(texts), 64):
-        preds += [LABELS[i] for i in classifier.predict_proba(texts[start : start + 64]).argmax(axis=1)]
+    preds = [LABELS[i] for i in classifier.predict_many(texts).argmax(axis=1)]
     report = classification_report([ex.label for ex in loaded.examples], preds) | {"model_version": version}
     if as_json:
         typer.echo(json.dumps(report))
@@ -342,9 +347,6 @@ def calibrate(
     skip_bad_rows: Annotated[bool, typer.Option()] = False,
 ) -> None:
     """Tune per-category thresholds on a labeled file; publish them as a new version (parent: the old one)."""
-    import numpy as np
-
-    from models.onnx_model import OnnxClassifier
     from models.registry import ModelRegistry
     from trainer.calibrate import CalibrationError, calibrate_thresholds, parse_targets, publish_calibrated
 
@@ -361,16 +363,9 @@ def calibrate(
     )
     for bad in loaded.bad_rows:
         typer.echo(f"skipped {bad.path}:{bad.line}: {bad.reason}", err=True)
-    registry = ModelRegistry(settings.registry_dir)
-    version = model or registry.current()
-    if version is None:
-        raise UserError(f"no current model in {settings.registry_dir}; train one or pass --model VERSION")
-    card = registry.card(version)
-    classifier = OnnxClassifier(
-        registry.path(version), version=version, thresholds=card.thresholds, threads=2, max_seq_len=settings.max_seq_len
-    )
+    version, card, classifier = _load_version(settings, model)
     texts = [ex.text for ex in loaded.examples]
-    probs = np.concatenate([classifier.predict_proba(texts[i : i + 64]) for i in range(0, len(texts), 64)])
+    probs = classifier.predict_many(texts)
     results = calibrate_thresholds(probs, [ex.label or "" for ex in loaded.examples], card.thresholds, targets)
     typer.echo(f"model {version} on {len(texts)} texts")
     typer.echo(f"{'label':<22}{'target':>16}{'threshold':>20}{'P':>8}{'R':>8}{'n':>6}")
@@ -389,7 +384,7 @@ def calibrate(
             err=True,
         )
     new_version = publish_calibrated(
-        registry,
+        ModelRegistry(settings.registry_dir),
         version,
         results,
         data_fingerprints=loaded.fingerprints,

@@ -8,6 +8,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -117,6 +118,15 @@ class OnnxClassifier:
         logits = logits - logits.max(axis=1, keepdims=True)
         exp = np.exp(logits)
         return exp / exp.sum(axis=1, keepdims=True)
+
+    def predict_many(self, texts: Sequence[str], batch_size: int = 64) -> np.ndarray:
+        """Probabilities for any number of texts, in their order, run in batches of similar length (little padding)."""
+        order = np.argsort([len(text) for text in texts], kind="stable")
+        probs = np.zeros((len(texts), len(LABELS)), dtype=np.float32)
+        for start in range(0, len(texts), batch_size):
+            rows = order[start : start + batch_size]
+            probs[rows] = self.predict_proba([texts[i] for i in rows])
+        return probs
 
     def classify(self, texts: list[str]) -> list[Verdict]:
         return [self.verdict(row) for row in self.predict_proba(texts)]

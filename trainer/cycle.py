@@ -134,18 +134,8 @@ def gate(
     )
 
 
-def predict_in_length_order(classifier: OnnxClassifier, texts: Sequence[str], batch_size: int = 64) -> np.ndarray:
-    """Probabilities in the order of `texts`, computed in batches of similar length (little padding)."""
-    order = np.argsort([len(text) for text in texts], kind="stable")
-    probs = np.zeros((len(texts), len(LABELS)), dtype=np.float32)
-    for start in range(0, len(texts), batch_size):
-        rows = order[start : start + batch_size]
-        probs[rows] = classifier.predict_proba([texts[i] for i in rows])
-    return probs
-
-
 def evaluate(classifier: OnnxClassifier, examples: Sequence[Example]) -> dict[str, Any]:
-    probs = predict_in_length_order(classifier, [ex.text for ex in examples])
+    probs = classifier.predict_many([ex.text for ex in examples])
     return classification_report([ex.label for ex in examples], [LABELS[i] for i in probs.argmax(axis=1)])
 
 
@@ -266,7 +256,7 @@ class CycleRunner:
                 probs = np.array([[item.scores[label] for label in LABELS] for item in items])
                 detail["model"] = "scores logged at classification time"
             else:
-                probs = predict_in_length_order(classifier, [item.text for item in items])
+                probs = classifier.predict_many([item.text for item in items])
                 detail["model"] = classifier.version
         with self._step(cycle, "select") as detail:
             strategy = make_strategy(self.settings.cycle_strategy, n_clusters=self.settings.cycle_clusters)

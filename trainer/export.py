@@ -70,7 +70,7 @@ def onnx_agreement(
     gold = [y for _, y in dev]
     torch_probs = predict_proba(result.model, result.tokenizer, texts, max_seq_len)
     onnx = OnnxClassifier(staging_dir, version="staging", max_seq_len=max_seq_len, threads=2)
-    onnx_probs = np.concatenate([onnx.predict_proba(texts[i : i + 64]) for i in range(0, len(texts), 64)])
+    onnx_probs = onnx.predict_many(texts)
     torch_pred, onnx_pred = torch_probs.argmax(axis=1), onnx_probs.argmax(axis=1)
     return {
         "n": len(texts),

@@ -171,18 +171,7 @@ class ReviewRepository:
                     raise ItemComplete(f"item {item_id} is already adjudicated")
                 if label in LABELS and self._real_count(session, item_id) >= self.labels_per_item:
                     raise ItemComplete(f"item {item_id} already has the {self.labels_per_item} label(s) it needs")
-                row = Label(
-                    item_id=item_id,
-                    reviewer=reviewer,
-                    label=label,
-                    comment=comment,
-                    kind=REVIEW,
-                    created_at=utcnow(),
-                    active=True,
-                )
-                session.add(row)
-                session.flush()
-                return LabelView.of(row)
+                return LabelView.of(_add_label(session, item_id, reviewer, label, comment, REVIEW))
         except IntegrityError:  # a concurrent request of the same reviewer won the race
             raise AlreadyAnswered(f"you already answered item {item_id}") from None
 
@@ -275,18 +264,7 @@ class ReviewRepository:
                 return LabelView.of(self._replace(session, old, label, comment, ADJUDICATION, reviewer=reviewer))
             if not self._disputed(session, item_id):
                 raise ItemComplete(f"item {item_id} is not awaiting adjudication (its reviewers do not disagree)")
-            row = Label(
-                item_id=item_id,
-                reviewer=reviewer,
-                label=label,
-                comment=comment,
-                kind=ADJUDICATION,
-                created_at=utcnow(),
-                active=True,
-            )
-            session.add(row)
-            session.flush()
-            return LabelView.of(row)
+            return LabelView.of(_add_label(session, item_id, reviewer, label, comment, ADJUDICATION))
 
     def _disputed(self, session: Session, item_id: int) -> bool:
         labels = session.scalars(
@@ -445,6 +423,15 @@ class ReviewRepository:
         old.superseded_by = new.id
         session.flush()
         return new
+
+
+def _add_label(session: Session, item_id: int, reviewer: str, label: str, comment: str | None, kind: str) -> Label:
+    row = Label(
+        item_id=item_id, reviewer=reviewer, label=label, comment=comment, kind=kind, created_at=utcnow(), active=True
+    )
+    session.add(row)
+    session.flush()
+    return row
 
 
 def _check_answer(label: str, comment: str | None) -> None:

@@ -526,6 +526,10 @@ def simulate(
     seed: Annotated[list[int] | None, typer.Option(help="random seed (repeatable)")] = None,
     epochs: Annotated[int, typer.Option(min=1)] = 6,
     as_json: Annotated[bool, typer.Option("--json", help="one JSON object on stdout")] = False,
+    results_file: Annotated[
+        Path | None,
+        typer.Option("--results", help="append one JSON line per finished iteration here (kept if the run stops)"),
+    ] = None,
 ) -> None:
     """The whole loop with oracle labels: per iteration the acquired class counts, their std, and eval macro-F1."""
     strategies = strategy or ["cluster"]
@@ -542,7 +546,7 @@ def simulate(
 
     _setup_logging()
     from trainer.finetune import FineTuneConfig
-    from trainer.simulate import Simulation, llm_variation_maker, stratified_split
+    from trainer.simulate import Simulation, append_result_line, llm_variation_maker, stratified_split
     from trainer.variations import VariationGenerator
 
     settings = load_settings().model_copy(update={"llm_variations": max(variations, 1)})
@@ -571,7 +575,9 @@ def simulate(
                     n_clusters=clusters,
                 )
 
-                def show(it: Any, _name: str = name, _seed: int = seed_value) -> None:
+                def show(it: Any, _name: str = name, _seed: int = seed_value, _sim: Any = sim) -> None:
+                    if results_file is not None:
+                        append_result_line(results_file, _name, _seed, _sim.baseline_macro_f1, it)
                     typer.echo(
                         f"{_name:<8} seed {_seed:<4} it {it.iteration}: labels "
                         + " ".join(f"{n}" for n in it.acquired.values())
@@ -585,13 +591,42 @@ def simulate(
     if as_json:
         typer.echo(json.dumps({"runs": results, "labels": list(LABELS)}))
         return
-    typer.echo(f"{'strategy':<10}{'seed':>6}{'std labels':>12}{'std +var':>10}{'base F1':>9}{'final F1':>10}")
-    for run in results:
-        last = run["iterations"][-1]
+    from trainer.simulate import summarize
+
+    _print_simulation_table(summarize([{**it, **run} for run in results for it in run["iterations"]]))
+
+
+def _print_simulation_table(rows: list[dict[str, Any]]) -> None:
+    labels = " ".join(f"{label[:5]:>6}" for label in LABELS)
+    typer.echo(f"{'strategy':<9}{'it':>3}{'seeds':>7}  {labels}{'std':>7}{'std+var':>8}{'base F1':>9}{'F1':>8}{'±':>6}")
+    for row in rows:
+        counts = " ".join(f"{row['acquired'][label]:>6.1f}" for label in LABELS)
         typer.echo(
-            f"{run['strategy']:<10}{run['seed']:>6}{last['std_labels']:>12.1f}{last['std_with_variations']:>10.1f}"
-            f"{run['baseline_macro_f1']:>9.4f}{last['eval_macro_f1']:>10.4f}"
+            f"{row['strategy']:<9}{row['iteration']:>3}{len(row['seeds']):>7}  {counts}{row['std_labels']:>7.1f}"
+            f"{row['std_with_variations']:>8.1f}{100 * row['baseline_macro_f1']:>9.1f}"
+            f"{100 * row['eval_macro_f1']:>8.1f}{100 * row['eval_macro_f1_sd']:>6.1f}"
         )
+
+
+@app.command("simulate-report")
+@friendly_errors
+def simulate_report(
+    results_files: Annotated[list[Path], typer.Argument(help="JSON-lines files written by simulate --results")],
+) -> None:
+    """Mean over seeds, per strategy and iteration, of runs recorded with `simulate --results`."""
+    from trainer.simulate import read_result_lines, summarize
+
+    lines = []
+    for path in results_files:
+        if not path.is_file():
+            raise UserError(f"{path}: no such file")
+        try:
+            lines += read_result_lines(path)
+        except ValueError as exc:
+            raise UserError(f"{path}: not a simulate --results file ({exc})") from None
+    if not lines:
+        raise UserError("no finished iterations in " + ", ".join(map(str, results_files)))
+    _print_simulation_table(summarize(lines))
 
 
 # --------------------------------------------------------------------------------------------- models

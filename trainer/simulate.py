@@ -83,6 +83,60 @@ class SimulationResult:
         }
 
 
+def append_result_line(path: Path, strategy: str, seed: int, baseline: float, iteration: IterationResult) -> None:
+    """One JSON line per finished iteration, flushed at once: a run stopped part-way keeps what it measured."""
+    line = {"strategy": strategy, "seed": seed, "baseline_macro_f1": baseline, **iteration.__dict__}
+    with path.open("a", encoding="utf-8") as out:
+        out.write(json.dumps(line) + "\n")
+
+
+RESULT_KEYS = ("strategy", "seed", "iteration", "baseline_macro_f1", "eval_macro_f1", "std_labels", "acquired")
+
+
+def read_result_lines(path: Path) -> list[dict[str, Any]]:
+    """Lines written by `append_result_line`; ValueError naming the line when one is not."""
+    lines = []
+    for number, text in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+        if not text.strip():
+            continue
+        line = json.loads(text)
+        missing = [key for key in RESULT_KEYS if not isinstance(line, dict) or key not in line]
+        if missing:
+            raise ValueError(f"line {number} has no {missing[0]!r}")
+        lines.append(line)
+    return lines
+
+
+def summarize(lines: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Per strategy and iteration: mean and spread over seeds of label std, std with variations, and eval macro-F1.
+
+    Only the iterations every seed of that strategy reached are averaged, so a stopped run never mixes depths.
+    """
+    by_run: dict[tuple[str, int], dict[int, dict[str, Any]]] = {}
+    for line in lines:
+        by_run.setdefault((line["strategy"], line["seed"]), {})[line["iteration"]] = line
+    rows = []
+    for strategy in dict.fromkeys(name for name, _ in by_run):
+        runs = [iters for (name, _), iters in by_run.items() if name == strategy]
+        for iteration in sorted(set.intersection(*(set(r) for r in runs))):
+            at = [r[iteration] for r in runs]
+            f1 = np.array([x["eval_macro_f1"] for x in at])
+            rows.append(
+                {
+                    "strategy": strategy,
+                    "iteration": iteration,
+                    "seeds": sorted(x["seed"] for x in at),
+                    "std_labels": float(np.mean([x["std_labels"] for x in at])),
+                    "std_with_variations": float(np.mean([x["std_with_variations"] for x in at])),
+                    "baseline_macro_f1": float(np.mean([x["baseline_macro_f1"] for x in at])),
+                    "eval_macro_f1": float(f1.mean()),
+                    "eval_macro_f1_sd": float(f1.std(ddof=1)) if len(f1) > 1 else 0.0,
+                    "acquired": {label: float(np.mean([x["acquired"][label] for x in at])) for label in LABELS},
+                }
+            )
+    return rows
+
+
 @dataclass
 class Simulation:
     pool: Sequence[Example]
@@ -97,6 +151,7 @@ class Simulation:
     config: FineTuneConfig
     n_clusters: int | None = None
     progress: bool = False
+    baseline_macro_f1: float = field(default=float("nan"), init=False)  # set once the seed-only model is scored
 
     def _train(self, examples: Sequence[tuple[str, str]]) -> Any:
         return fine_tune(
@@ -124,7 +179,7 @@ class Simulation:
         acquired: list[tuple[str, str]] = []
         variations: list[tuple[str, str]] = []
         model = self._train(base)
-        baseline = self._evaluate(model)["macro_f1"]
+        baseline = self.baseline_macro_f1 = self._evaluate(model)["macro_f1"]
         log.info("%s seed %d: baseline macro-F1 %.4f", self.strategy, seed, baseline)
         result = SimulationResult(self.strategy, seed, baseline)
 

@@ -1,0 +1,106 @@
+"""`guardloop simulate`: per-iteration results survive a stopped run; the report averages what all seeds reached."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from guardloop.datafiles import load_examples
+from guardloop.labels import LABELS
+from tests.test_cli import assert_one_line_error, run_cli
+from trainer.simulate import IterationResult, append_result_line, read_result_lines, summarize
+
+SEED = Path(__file__).resolve().parents[1] / "guardloop" / "seed"
+
+
+def iteration(n: int, f1: float, std: float, counts: list[int]) -> IterationResult:
+    acquired = dict(zip(LABELS, counts, strict=True))
+    return IterationResult(
+        iteration=n,
+        acquired=acquired,
+        acquired_with_variations={label: 6 * c for label, c in acquired.items()},
+        std_labels=std,
+        std_with_variations=6 * std,
+        variations_accepted=5 * sum(counts),
+        train_size=150 + 6 * sum(counts),
+        eval_macro_f1=f1,
+        eval_per_class_f1={label: f1 for label in LABELS},
+        seconds=1.0,
+    )
+
+
+def test_report_averages_seeds_only_over_iterations_all_of_them_reached(tmp_path):
+    results = tmp_path / "results.jsonl"
+    append_result_line(results, "cluster", 13, 0.60, iteration(1, 0.62, 2.0, [4, 4, 4, 4, 2, 2]))
+    append_result_line(results, "cluster", 13, 0.60, iteration(2, 0.66, 3.0, [8, 8, 8, 8, 4, 4]))
+    append_result_line(results, "cluster", 7, 0.58, iteration(1, 0.64, 4.0, [6, 6, 2, 2, 2, 2]))  # stopped after it 1
+    append_result_line(results, "random", 13, 0.60, iteration(1, 0.61, 1.0, [3, 3, 3, 3, 3, 5]))
+
+    lines = read_result_lines(results)
+    assert len(lines) == 4 and lines[0]["strategy"] == "cluster" and lines[0]["acquired"]["self-harm"] == 4
+
+    rows = summarize(lines)
+    assert [(r["strategy"], r["iteration"], r["seeds"]) for r in rows] == [
+        ("cluster", 1, [7, 13]),
+        ("random", 1, [13]),
+    ]
+    cluster = rows[0]
+    assert cluster["eval_macro_f1"] == pytest.approx(0.63)
+    assert cluster["eval_macro_f1_sd"] == pytest.approx(0.01414, abs=1e-4)  # sample sd of 0.62 and 0.64
+    assert cluster["std_labels"] == pytest.approx(3.0)
+    assert cluster["baseline_macro_f1"] == pytest.approx(0.59)
+    assert cluster["acquired"]["self-harm"] == pytest.approx(5.0)
+    assert rows[1]["eval_macro_f1_sd"] == 0.0
+
+
+def test_report_command_prints_the_table(tmp_path):
+    results = tmp_path / "results.jsonl"
+    append_result_line(results, "topn", 21, 0.5, iteration(1, 0.7, 2.5, [1, 2, 3, 4, 5, 5]))
+    result = run_cli("simulate-report", str(results))
+    assert result.returncode == 0, result.stderr
+    row = next(line for line in result.stdout.splitlines() if line.startswith("topn"))
+    assert row.split()[:9] == ["topn", "1", "1", "1.0", "2.0", "3.0", "4.0", "5.0", "5.0"]
+    assert "70.0" in row and "2.5" in row
+
+
+def test_report_refuses_missing_and_foreign_files(tmp_path):
+    assert_one_line_error(run_cli("simulate-report", str(tmp_path / "nope.jsonl")), "nope.jsonl", "no such file")
+    foreign = tmp_path / "foreign.jsonl"
+    foreign.write_text('{"hello": 1}\n', encoding="utf-8")
+    assert_one_line_error(run_cli("simulate-report", str(foreign)), "foreign.jsonl", "not a simulate --results file")
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("", encoding="utf-8")
+    assert_one_line_error(run_cli("simulate-report", str(empty)), "no finished iterations")
+
+
+@pytest.mark.slow
+def test_simulate_writes_each_iteration_as_it_finishes(tmp_path):
+    """The real loop (real fine-tuning, oracle labels, no LLM) on a slice of the shipped seed data."""
+    train = load_examples([SEED / "train.jsonl"]).examples
+    by_label = {label: [ex for ex in train if ex.label == label] for label in LABELS}
+
+    def write(path: Path, rows: list) -> Path:
+        path.write_text("".join(json.dumps({"text": ex.text, "label": ex.label}) + "\n" for ex in rows), "utf-8")
+        return path
+
+    seed_file = write(tmp_path / "seed.jsonl", [ex for rows in by_label.values() for ex in rows[:4]])
+    pool_file = write(tmp_path / "pool.jsonl", [ex for rows in by_label.values() for ex in rows[4:24]])
+    dev_file = write(tmp_path / "dev.jsonl", [ex for rows in by_label.values() for ex in rows[24:28]])
+    results = tmp_path / "results.jsonl"
+    env = {"GUARDLOOP_DATA_DIR": str(tmp_path / "data"), "GUARDLOOP_REGISTRY_DIR": str(tmp_path / "registry")}
+    run = run_cli(
+        "simulate", "--pool", str(pool_file), "--seed-data", str(seed_file), "--dev", str(dev_file),
+        "--strategy", "cluster", "--iterations", "2", "--per-iteration", "6", "--variations", "0",
+        "--epochs", "1", "--seed", "3", "--results", str(results),
+        env=env,
+    )  # fmt: skip
+    assert run.returncode == 0, run.stderr
+    lines = read_result_lines(results)
+    assert [line["iteration"] for line in lines] == [1, 2]
+    assert [sum(line["acquired"].values()) for line in lines] == [6, 12]  # cumulative oracle labels
+    assert all(line["variations_accepted"] == 0 and line["strategy"] == "cluster" for line in lines)
+    assert lines[1]["train_size"] == 24 + 12
+    assert 0.0 <= lines[1]["eval_macro_f1"] <= 1.0
+    assert any(line.startswith("cluster") for line in run.stdout.splitlines())

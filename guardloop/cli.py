@@ -571,7 +571,7 @@ def simulate(
                         else None
                     ),
                     cache_dir=settings.data_dir / "cache",
-                    config=FineTuneConfig(seed=seed_value, epochs=epochs, patience=2),
+                    config=FineTuneConfig(seed=seed_value, epochs=epochs, patience=2, group_by_length=True),
                     n_clusters=clusters,
                 )
 

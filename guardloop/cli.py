@@ -539,6 +539,11 @@ def simulate(
     unknown = [name for name in strategies if name not in STRATEGIES]
     if unknown:
         raise UserError(f"unknown strategy {unknown[0]!r}; choose from {', '.join(STRATEGIES)}")
+    if results_file is not None:
+        try:  # before hours of training, not after the first iteration
+            results_file.open("a", encoding="utf-8").close()
+        except OSError as exc:
+            raise UserError(f"--results {results_file}: cannot append there ({exc.strerror})") from None
     pool_data = load_examples([pool]).examples
     seed_examples = load_examples([seed_data]).examples
     dev_examples = load_examples([dev]).examples
@@ -575,9 +580,9 @@ def simulate(
                     n_clusters=clusters,
                 )
 
-                def show(it: Any, _name: str = name, _seed: int = seed_value, _sim: Any = sim) -> None:
+                def show(run: Any, it: Any, _name: str = name, _seed: int = seed_value) -> None:
                     if results_file is not None:
-                        append_result_line(results_file, _name, _seed, _sim.baseline_macro_f1, it)
+                        append_result_line(results_file, _name, _seed, run.baseline_macro_f1, it)
                     typer.echo(
                         f"{_name:<8} seed {_seed:<4} it {it.iteration}: labels "
                         + " ".join(f"{n}" for n in it.acquired.values())

@@ -121,10 +121,8 @@ class OnnxClassifier:
 
     def predict_many(self, texts: Sequence[str], batch_size: int = 64) -> np.ndarray:
         """Probabilities for any number of texts, in their order, run in batches of similar length (little padding)."""
-        order = np.argsort([len(text) for text in texts], kind="stable")
         probs = np.zeros((len(texts), len(LABELS)), dtype=np.float32)
-        for start in range(0, len(texts), batch_size):
-            rows = order[start : start + batch_size]
+        for rows in length_ordered_batches(texts, batch_size):
             probs[rows] = self.predict_proba([texts[i] for i in rows])
         return probs
 
@@ -167,3 +165,9 @@ class OnnxClassifier:
             raise ModelLoadError(f"{self.model_dir}: warm-up failed ({exc})") from exc
         if probs.shape != (2, len(LABELS)) or not np.isfinite(probs).all():
             raise ModelLoadError(f"{self.model_dir}: warm-up gave unusable output of shape {probs.shape}")
+
+
+def length_ordered_batches(texts: Sequence[str], batch_size: int) -> list[np.ndarray]:
+    """Row indices of `texts` in batches of similar length, so a batch pads to little more than its own texts."""
+    order = np.argsort([len(text) for text in texts], kind="stable")
+    return [order[start : start + batch_size] for start in range(0, len(order), batch_size)]

@@ -75,6 +75,19 @@ def test_report_refuses_missing_and_foreign_files(tmp_path):
     assert_one_line_error(run_cli("simulate-report", str(empty)), "no finished iterations")
 
 
+def test_simulate_refuses_a_results_file_it_cannot_write_before_training(tmp_path):
+    seed = str(SEED / "train.jsonl")
+    nowhere = tmp_path / "missing-dir" / "runs.jsonl"
+    env = {"GUARDLOOP_DATA_DIR": str(tmp_path / "data")}
+    result = run_cli(
+        "simulate", "--pool", seed, "--seed-data", seed, "--dev", seed, "--variations", "0",
+        "--results", str(nowhere), env=env, timeout=60,
+    )  # fmt: skip
+    assert_one_line_error(result, "--results", "missing-dir", "cannot append there")
+    assert not nowhere.parent.exists()
+    assert not (tmp_path / "data").exists()  # nothing started: no caches, no embedder export
+
+
 @pytest.mark.slow
 def test_simulate_writes_each_iteration_as_it_finishes(tmp_path):
     """The real loop (real fine-tuning, oracle labels, no LLM) on a slice of the shipped seed data."""

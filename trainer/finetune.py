@@ -22,6 +22,7 @@ from tqdm.auto import tqdm
 from transformers import AutoModelForSequenceClassification, AutoTokenizer, get_linear_schedule_with_warmup
 
 from guardloop.labels import LABELS
+from models.onnx_model import length_ordered_batches
 from trainer.metrics import classification_report
 
 
@@ -104,9 +105,7 @@ def predict_proba(
     """Probabilities in LABELS order, row i for texts[i]; batches are formed by length to spare padding."""
     model.eval()
     out = np.zeros((len(texts), len(LABELS)), dtype=np.float32)
-    order = np.argsort(token_lengths(tokenizer, texts, max_seq_len), kind="stable") if len(texts) else []
-    for start in range(0, len(order), batch_size):
-        rows = order[start : start + batch_size]
+    for rows in length_ordered_batches(texts, batch_size):
         batch = tokenizer(
             [texts[i] for i in rows],
             padding=True,

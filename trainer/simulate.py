@@ -151,7 +151,6 @@ class Simulation:
     config: FineTuneConfig
     n_clusters: int | None = None
     progress: bool = False
-    baseline_macro_f1: float = field(default=float("nan"), init=False)  # set once the seed-only model is scored
 
     def _train(self, examples: Sequence[tuple[str, str]]) -> Any:
         return fine_tune(
@@ -167,7 +166,7 @@ class Simulation:
         probs = predict_proba(result.model, result.tokenizer, texts, self.config.max_seq_len)
         return classification_report([ex.label for ex in self.eval_data], [LABELS[i] for i in probs.argmax(axis=1)])
 
-    def run(self, on_iteration: Callable[[IterationResult], None] | None = None) -> SimulationResult:
+    def run(self, on_iteration: Callable[[SimulationResult, IterationResult], None] | None = None) -> SimulationResult:
         seed = self.config.seed
         strategy = make_strategy(self.strategy, n_clusters=self.n_clusters)
         embedder = SentenceEmbedder(self.cache_dir)
@@ -179,7 +178,7 @@ class Simulation:
         acquired: list[tuple[str, str]] = []
         variations: list[tuple[str, str]] = []
         model = self._train(base)
-        baseline = self.baseline_macro_f1 = self._evaluate(model)["macro_f1"]
+        baseline = self._evaluate(model)["macro_f1"]
         log.info("%s seed %d: baseline macro-F1 %.4f", self.strategy, seed, baseline)
         result = SimulationResult(self.strategy, seed, baseline)
 
@@ -228,7 +227,7 @@ class Simulation:
             )
             result.iterations.append(entry)
             if on_iteration:
-                on_iteration(entry)
+                on_iteration(result, entry)
         return result
 
 

@@ -16,7 +16,7 @@ import numpy as np
 import onnxruntime as ort
 from tokenizers import Tokenizer
 
-from guardloop.labels import LABELS, SAFE_LABEL
+from guardloop.core.labels import LABELS, SAFE_LABEL
 
 _LOG_N_LABELS = math.log(len(LABELS))
 

@@ -27,7 +27,7 @@ import pydantic
 from filelock import FileLock, Timeout
 from pydantic import Field, field_validator, model_validator
 
-from guardloop.labels import LABELS
+from guardloop.core.labels import LABELS
 
 VERSION_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 REQUIRED_FILES: tuple[str, ...] = ("model.onnx", "tokenizer.json", "labels.json")

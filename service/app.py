@@ -13,22 +13,33 @@ from fastapi.exception_handlers import http_exception_handler
 from fastapi.exceptions import RequestValidationError
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse, Response
+from guardloop.models.registry import ModelRegistry
+from guardloop.service.auth import client_identity
+from guardloop.service.batcher import MicroBatcher
+from guardloop.service.errors import describe_validation_error, document_validation_errors_as_text, http_error_detail
+from guardloop.service.guideline_store import GuidelineStore, watch_guidelines
+from guardloop.service.limits import BodySizeLimit
+from guardloop.service.metrics import HttpMetrics
+from guardloop.service.model_holder import ModelHolder
+from guardloop.service.rate_limit import RateLimit, build_groups
+from guardloop.service.routers import (
+    classify,
+    guidelines,
+    health,
+    metrics,
+    models,
+    moderations,
+    pool,
+    review,
+    review_page,
+)
+from guardloop.service.security_headers import SecurityHeaders
+from guardloop.service.storage_lifespan import open_storage
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from guardloop import __version__, telemetry
-from guardloop.settings import Settings
-from models.registry import ModelRegistry
-from service.auth import client_identity
-from service.batcher import MicroBatcher
-from service.errors import describe_validation_error, document_validation_errors_as_text, http_error_detail
-from service.guideline_store import GuidelineStore, watch_guidelines
-from service.limits import BodySizeLimit
-from service.metrics import HttpMetrics
-from service.model_holder import ModelHolder
-from service.rate_limit import RateLimit, build_groups
-from service.routers import classify, guidelines, health, metrics, models, moderations, pool, review, review_page
-from service.security_headers import SecurityHeaders
-from service.storage_lifespan import open_storage
+from guardloop import __version__
+from guardloop.core import telemetry
+from guardloop.core.settings import Settings
 
 log = logging.getLogger(__name__)
 

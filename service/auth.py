@@ -10,11 +10,11 @@ import hmac
 from typing import Annotated
 
 from fastapi import Depends, Header, HTTPException, Request, status
+from guardloop.service.deps import bearer_token, get_database, get_settings
+from guardloop.service.pool_writer import MAX_CLIENT_ID_CHARS
 
-from guardloop.settings import Settings
+from guardloop.core.settings import Settings
 from guardloop.storage import Database, DatabaseUnavailable, ReviewerRepository
-from service.deps import bearer_token, get_database, get_settings
-from service.pool_writer import MAX_CLIENT_ID_CHARS
 
 
 def _client_header(value: str | None) -> str | None:

@@ -13,8 +13,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
-
-from service.model_holder import LoadedModel
+from guardloop.service.model_holder import LoadedModel
 
 
 class NoModelLoaded(Exception):

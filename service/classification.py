@@ -10,11 +10,11 @@ import logging
 from dataclasses import dataclass
 
 from fastapi import HTTPException, Request, status
+from guardloop.models.onnx_model import Verdict
+from guardloop.service.batcher import NoModelLoaded
+from guardloop.service.model_holder import LoadedModel
 
-from guardloop import telemetry
-from models.onnx_model import Verdict
-from service.batcher import NoModelLoaded
-from service.model_holder import LoadedModel
+from guardloop.core import telemetry
 
 log = logging.getLogger(__name__)
 

@@ -21,10 +21,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from fastapi import HTTPException, status
+from guardloop.models.onnx_model import Verdict
+from guardloop.service.schemas import Message
 
-from guardloop.labels import HARMFUL_BY_SEVERITY
-from models.onnx_model import Verdict
-from service.schemas import Message
+from guardloop.core.labels import HARMFUL_BY_SEVERITY
 
 SEPARATOR = " [SEP] "  # the tokenizer's own separator token, so the model sees turn boundaries
 

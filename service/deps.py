@@ -6,13 +6,13 @@ import hmac
 from typing import Annotated
 
 from fastapi import Depends, Header, HTTPException, Request, status
+from guardloop.service.batcher import MicroBatcher
+from guardloop.service.guideline_store import GuidelineStore
+from guardloop.service.model_holder import ModelHolder
+from guardloop.service.pool_writer import PoolLogger
 
-from guardloop.settings import Settings
+from guardloop.core.settings import Settings
 from guardloop.storage import Database, StorageError
-from service.batcher import MicroBatcher
-from service.guideline_store import GuidelineStore
-from service.model_holder import ModelHolder
-from service.pool_writer import PoolLogger
 
 
 def get_settings(request: Request) -> Settings:

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
-from guardloop.guidance import DEFAULT_LIBRARY_PATH, GuidelineError, GuidelineLibrary, load_library
+from guardloop.core.guidance import DEFAULT_LIBRARY_PATH, GuidelineError, GuidelineLibrary, load_library
 
 log = logging.getLogger(__name__)
 

@@ -1,4 +1,4 @@
-"""The service's side of the metrics (objects: guardloop/telemetry.py): request metrics from an ASGI middleware,
+"""The service's side of the metrics (objects: guardloop/core/telemetry.py): request metrics from an ASGI middleware,
 and the gauges read from the shared database, refreshed in the background so a scrape never waits on it."""
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from typing import Any
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from guardloop import telemetry
+from guardloop.core import telemetry
 from guardloop.storage import Database, PoolRepository, ReviewRepository
 
 log = logging.getLogger(__name__)

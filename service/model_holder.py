@@ -12,10 +12,11 @@ import time
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
-from guardloop import telemetry
-from models.onnx_model import ModelLoadError, OnnxClassifier
-from models.registry import ModelCard, ModelRegistry, RegistryError
-from service.memory import return_freed_memory
+from guardloop.models.onnx_model import ModelLoadError, OnnxClassifier
+from guardloop.models.registry import ModelCard, ModelRegistry, RegistryError
+from guardloop.service.memory import return_freed_memory
+
+from guardloop.core import telemetry
 
 log = logging.getLogger(__name__)
 

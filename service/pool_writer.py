@@ -20,12 +20,12 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
+from guardloop.models.onnx_model import Verdict
 from sqlalchemy.exc import InterfaceError, OperationalError
 from sqlalchemy.exc import TimeoutError as PoolTimeout
 
-from guardloop import telemetry
+from guardloop.core import telemetry
 from guardloop.storage import RANDOM_SAMPLE, UNCERTAIN, DatabaseUnavailable, PoolRecord, WriteOutcome
-from models.onnx_model import Verdict
 
 log = logging.getLogger(__name__)
 

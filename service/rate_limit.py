@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from guardloop.rates import Rate
+from guardloop.core.rates import Rate
 
 OPENAI_PATHS = ("/v1/moderations",)
 

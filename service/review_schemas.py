@@ -6,7 +6,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from guardloop.labels import LABELS
+from guardloop.core.labels import LABELS
 from guardloop.storage import NON_LABELS, LabelView, StoredItem
 
 # A hard bound whatever the settings say; the configured limit (review_max_comment_chars) is checked in the route.

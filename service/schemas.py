@@ -6,8 +6,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from guardloop.guidance import Guidance
-from guardloop.labels import LABELS
+from guardloop.core.guidance import Guidance
+from guardloop.core.labels import LABELS
 
 
 class Message(BaseModel):

@@ -15,11 +15,11 @@ from contextlib import asynccontextmanager
 from datetime import UTC, datetime, timedelta
 
 from fastapi import FastAPI
+from guardloop.service.metrics import refresh_database_gauges
+from guardloop.service.pool_writer import PoolLogger, PoolSampler, PoolWriter
 
-from guardloop.settings import Settings
+from guardloop.core.settings import Settings
 from guardloop.storage import Database, PoolRepository, StorageError
-from service.metrics import refresh_database_gauges
-from service.pool_writer import PoolLogger, PoolSampler, PoolWriter
 
 log = logging.getLogger(__name__)
 

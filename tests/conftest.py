@@ -10,10 +10,10 @@ from pathlib import Path
 
 import pytest
 import uvicorn
+from guardloop.models.registry import ModelRegistry
+from guardloop.service.app import create_app
 
-from guardloop.settings import Settings
-from models.registry import ModelRegistry
-from service.app import create_app
+from guardloop.core.settings import Settings
 
 ADMIN_TOKEN = "test-admin-token-0123456789"
 

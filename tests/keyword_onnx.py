@@ -13,11 +13,11 @@ from pathlib import Path
 
 import numpy as np
 import onnx
+from guardloop.models.registry import ModelCard, ModelRegistry
 from onnx import numpy_helper
 from tokenizers import Tokenizer
 
-from guardloop.labels import LABELS
-from models.registry import ModelCard, ModelRegistry
+from guardloop.core.labels import LABELS
 from tests.tiny_onnx import write_tiny_model
 
 

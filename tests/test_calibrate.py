@@ -7,13 +7,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from guardloop.models.onnx_model import OnnxClassifier
+from guardloop.models.registry import ModelRegistry
+from guardloop.trainer.calibrate import CalibrationError, Target, calibrate_thresholds, parse_targets
 
-from guardloop.labels import HARMFUL_LABELS, LABELS
-from models.onnx_model import OnnxClassifier
-from models.registry import ModelRegistry
+from guardloop.core.labels import HARMFUL_LABELS, LABELS
 from tests.test_cli import assert_one_line_error, run_cli
 from tests.tiny_onnx import publish_tiny
-from trainer.calibrate import CalibrationError, Target, calibrate_thresholds, parse_targets
 
 # ------------------------------------------------------------------------------------------ the rule
 

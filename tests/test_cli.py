@@ -9,12 +9,13 @@ import sys
 from pathlib import Path
 
 import pytest
+from guardloop.models.registry import ModelRegistry
 
-from guardloop.labels import LABELS
-from models.registry import ModelRegistry
+from guardloop.core.labels import LABELS
+from guardloop.core.seed import SEED_DIR
 from tests.tiny_onnx import publish_tiny
 
-SEED = Path(__file__).resolve().parents[1] / "guardloop" / "seed"
+SEED = SEED_DIR
 
 
 def run_cli(*args: str, env: dict[str, str] | None = None, timeout: float = 600) -> subprocess.CompletedProcess[str]:
@@ -108,7 +109,7 @@ def test_eval_json_reports_the_metrics(tmp_path, cli_env):
 
 
 def test_yaml_config_file_and_env_precedence(tmp_path, monkeypatch):
-    from guardloop.settings import Settings
+    from guardloop.core.settings import Settings
 
     config = tmp_path / "guardloop.yaml"
     config.write_text("max_texts: 7\nport: 9001\n", encoding="utf-8")

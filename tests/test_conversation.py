@@ -7,10 +7,10 @@ from pathlib import Path
 import pytest
 from fastapi import HTTPException
 from fastapi.testclient import TestClient
+from guardloop.service.app import create_app
+from guardloop.service.conversation import SEPARATOR, conversation_texts
+from guardloop.service.schemas import Message
 
-from service.app import create_app
-from service.conversation import SEPARATOR, conversation_texts
-from service.schemas import Message
 from tests.keyword_onnx import publish_keyword_model
 
 # "die" reads as self-harm, "lawyer" as legal-advice; anything else is not-harmful (score ~0.6).

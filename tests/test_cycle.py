@@ -13,18 +13,19 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
+from guardloop.models.registry import ModelRegistry
+from guardloop.trainer.cycle import CycleBusy, CycleRunner, OracleLabeler, gate, single_flight
+from guardloop.trainer.variations import VariationConfig, VariationGenerator
 
-from guardloop.labels import LABELS
-from guardloop.settings import Settings
+from guardloop.core.labels import LABELS
+from guardloop.core.seed import SEED_DIR
+from guardloop.core.settings import Settings
 from guardloop.storage import Database, PoolRecord, PoolRepository, ReviewRepository
 from guardloop.storage.cycles import AWAITING_LABELS, FAILED, PROMOTED, REJECTED, CycleRepository
-from models.registry import ModelRegistry
 from tests.conftest import free_port
 from tests.tiny_onnx import publish_tiny
-from trainer.cycle import CycleBusy, CycleRunner, OracleLabeler, gate, single_flight
-from trainer.variations import VariationConfig, VariationGenerator
 
-SEED = Path(__file__).resolve().parents[1] / "guardloop" / "seed"
+SEED = SEED_DIR
 
 
 def report(macro_f1: float, recall: float = 0.8, **recalls: float) -> dict:

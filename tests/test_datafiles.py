@@ -7,14 +7,14 @@ from pathlib import Path
 
 import pytest
 
-from guardloop.datafiles import (
+from guardloop.core.datafiles import (
     BadRow,
     DataFileError,
     Example,
     load_examples,
     sha256_file,
 )
-from guardloop.labels import LABELS
+from guardloop.core.labels import LABELS
 
 
 def write(path: Path, content: str | bytes) -> Path:

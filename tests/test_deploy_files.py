@@ -28,9 +28,9 @@ import jsonschema
 import kubernetes_validate
 import pytest
 import yaml
+from guardloop.models.registry import ModelRegistry
 
-from guardloop.settings import Settings
-from models.registry import ModelRegistry
+from guardloop.core.settings import Settings
 from tests.conftest import free_port, wait_for
 from tests.tiny_onnx import publish_tiny
 
@@ -303,8 +303,8 @@ def test_dockerfile_copies_every_package_and_dockerignore_keeps_them() -> None:
         for line in (ROOT / ".dockerignore").read_text().splitlines()
         if line.strip() and not line.startswith("#")
     ]
-    packages = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"]["find"]
-    wanted = {pattern.rstrip("*") for pattern in packages["include"]}
+    # Every folder the one import root is built from (setuptools package-dir: guardloop.service = service/, ...).
+    wanted = set(tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["package-dir"].values())
     for name, stage in dockerfile_stages().items():
         sources = {
             src for args in instructions(stage, "COPY") if not args.startswith("--from=") for src in args.split()[:-1]

@@ -32,11 +32,11 @@ from pathlib import Path
 import httpx
 import pytest
 from fastapi.testclient import TestClient
+from guardloop.models.registry import ModelRegistry, RegistryError
+from guardloop.service.app import create_app
 
-from guardloop.settings import Settings
+from guardloop.core.settings import Settings
 from guardloop.storage import Database, PoolRepository
-from models.registry import ModelRegistry, RegistryError
-from service.app import create_app
 from tests.conftest import ADMIN_TOKEN, live_server, unavailable, wait_for
 from tests.test_cycle import cycle_env, runner_for  # noqa: F401  (cycle_env is a fixture)
 from tests.tiny_onnx import publish_tiny, write_tiny_model
@@ -200,7 +200,7 @@ def test_a_cycle_whose_llm_hangs_gives_up_within_its_timeouts_and_still_trains(c
     """The endpoint accepts connections and never answers (a listening socket nobody reads). The cycle waits
     at most timeout x attempts per item, stops asking after the configured run of failures, records it, and
     trains and publishes on the labels it has."""
-    from trainer.variations import VariationConfig, VariationGenerator
+    from guardloop.trainer.variations import VariationConfig, VariationGenerator
 
     settings, database, oracle = cycle_env
     registry = ModelRegistry(settings.registry_dir)

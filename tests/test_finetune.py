@@ -5,11 +5,11 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from guardloop.trainer.base_models import minilm_dir
+from guardloop.trainer.finetune import length_grouped_batches, predict_proba, token_lengths
 from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification
 
-from guardloop.labels import LABELS
-from trainer.base_models import minilm_dir
-from trainer.finetune import length_grouped_batches, predict_proba, token_lengths
+from guardloop.core.labels import LABELS
 
 
 def padded_tokens(batches: list[list[int]], lengths: np.ndarray) -> int:

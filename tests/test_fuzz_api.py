@@ -13,6 +13,8 @@ from datetime import UTC, datetime
 
 import pytest
 import schemathesis
+from guardloop.models.registry import ModelRegistry
+from guardloop.service.errors import UNREADABLE_BODY
 from hypothesis import HealthCheck, given, settings
 from hypothesis.errors import Unsatisfiable
 from schemathesis import GenerationMode
@@ -23,11 +25,9 @@ from schemathesis.specs.openapi.checks import (
     status_code_conformance,
 )
 
-from guardloop.labels import LABELS
-from guardloop.settings import Settings
+from guardloop.core.labels import LABELS
+from guardloop.core.settings import Settings
 from guardloop.storage import UNCERTAIN, Database, LabelRequest, PoolRecord, PoolRepository, ReviewerRepository
-from models.registry import ModelRegistry
-from service.errors import UNREADABLE_BODY
 from tests.conftest import ADMIN_TOKEN, live_server
 from tests.tiny_onnx import publish_tiny
 

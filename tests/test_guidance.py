@@ -10,11 +10,11 @@ from pathlib import Path
 import pytest
 import yaml
 from fastapi.testclient import TestClient
+from guardloop.service.app import create_app
+from guardloop.service.guideline_store import GuidelineStore
 
-from guardloop.guidance import DEFAULT_LIBRARY_PATH, GuidelineError, default_library, load_library
-from guardloop.labels import HARMFUL_LABELS
-from service.app import create_app
-from service.guideline_store import GuidelineStore
+from guardloop.core.guidance import DEFAULT_LIBRARY_PATH, GuidelineError, default_library, load_library
+from guardloop.core.labels import HARMFUL_LABELS
 from tests.conftest import wait_for
 from tests.keyword_onnx import publish_keyword_model
 from tests.tiny_onnx import publish_tiny
@@ -194,14 +194,14 @@ def test_a_broken_file_is_refused_at_reload_and_the_old_library_kept(tmp_path, c
     path = write_library(tmp_path / "guidelines.yaml", "ops-1")
     store = GuidelineStore(path)
     replace_file(path, "version: ops-2\ncategories:\n  self-harm: {}\n")
-    with caplog.at_level(logging.ERROR, logger="service.guideline_store"):
+    with caplog.at_level(logging.ERROR, logger="guardloop.service.guideline_store"):
         assert store.poll() is False
     assert store.current.library.version == "ops-1"
     assert store.refused is not None
     assert "categories.self-harm.title: Field required" in store.refused.reason
     assert any("refused guideline library" in r.getMessage() and "ops-1" in r.getMessage() for r in caplog.records)
     caplog.clear()
-    with caplog.at_level(logging.ERROR, logger="service.guideline_store"):
+    with caplog.at_level(logging.ERROR, logger="guardloop.service.guideline_store"):
         assert store.poll() is False  # the same broken file is not re-read and re-logged on every poll
     assert not caplog.records
     write_library(path, "ops-3")
@@ -306,6 +306,6 @@ def test_the_shipped_file_is_package_data():
     import tomllib
 
     pyproject = tomllib.loads((Path(__file__).resolve().parents[1] / "pyproject.toml").read_text(encoding="utf-8"))
-    patterns = pyproject["tool"]["setuptools"]["package-data"]["guardloop"]
+    patterns = pyproject["tool"]["setuptools"]["package-data"]["guardloop.core"]
     relative = DEFAULT_LIBRARY_PATH.relative_to(DEFAULT_LIBRARY_PATH.parents[1])
     assert any(relative.match(pattern) for pattern in patterns)

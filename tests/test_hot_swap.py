@@ -8,8 +8,8 @@ import time
 
 import httpx
 from fastapi.testclient import TestClient
+from guardloop.service.app import create_app
 
-from service.app import create_app
 from tests.conftest import ADMIN_TOKEN, live_server, wait_for
 from tests.tiny_onnx import publish_tiny
 

@@ -19,20 +19,20 @@ from pathlib import Path
 
 import httpx
 import pytest
+from guardloop.models.registry import ModelRegistry
+from guardloop.service.pool_writer import PoolWriter
+from guardloop.trainer.cycle import CycleRunner, OracleLabeler
+from guardloop.trainer.variations import VariationConfig, VariationGenerator
 from prometheus_client.parser import text_string_to_metric_families
 
-from guardloop import telemetry
-from guardloop.labels import LABELS
-from guardloop.settings import Settings
+from guardloop.core import telemetry
+from guardloop.core.labels import LABELS
+from guardloop.core.settings import Settings
 from guardloop.storage import Database, LabelRequest, PoolRecord, PoolRepository, ReviewerRepository, WriteOutcome
 from guardloop.storage.cycles import PROMOTED
-from models.registry import ModelRegistry
-from service.pool_writer import PoolWriter
 from tests.conftest import ADMIN_TOKEN, free_port, live_server, wait_for
 from tests.test_cycle import POOL_TEXTS, SEED, fill_pool
 from tests.tiny_onnx import publish_tiny
-from trainer.cycle import CycleRunner, OracleLabeler
-from trainer.variations import VariationConfig, VariationGenerator
 
 CONTRACT_FILE = Path(__file__).resolve().parents[1] / "k8s" / "METRICS.md"
 

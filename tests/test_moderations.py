@@ -10,7 +10,7 @@ import pytest
 from openai import OpenAI
 from pydantic import SecretStr
 
-from guardloop.labels import LABELS
+from guardloop.core.labels import LABELS
 from guardloop.storage import Database
 from guardloop.storage.pool import PoolRepository
 from tests.conftest import live_server, wait_for

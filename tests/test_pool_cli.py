@@ -8,12 +8,12 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
+from guardloop.models.registry import ModelRegistry
 from sqlalchemy import select
 
-from guardloop.labels import LABELS
+from guardloop.core.labels import LABELS
 from guardloop.storage import UNCERTAIN, Database, PoolRecord, PoolRepository, ReviewerRepository
 from guardloop.storage.tables import Reviewer
-from models.registry import ModelRegistry
 from tests.test_cli import assert_one_line_error, run_cli
 from tests.tiny_onnx import publish_tiny
 

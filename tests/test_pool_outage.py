@@ -22,7 +22,7 @@ import httpx
 import pytest
 from sqlalchemy import func, select
 
-from guardloop.settings import Settings
+from guardloop.core.settings import Settings
 from guardloop.storage import Database
 from guardloop.storage.tables import PoolItem
 from tests.conftest import ADMIN_TOKEN, free_port, live_server, unavailable, wait_for

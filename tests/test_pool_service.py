@@ -10,11 +10,11 @@ from pathlib import Path
 
 import pytest
 from fastapi.testclient import TestClient
+from guardloop.service.app import create_app
 
-from guardloop.settings import Settings
+from guardloop.core.settings import Settings
 from guardloop.storage import RANDOM_SAMPLE, UNCERTAIN, Database, LabelRequest, PoolRepository, ReviewRepository
 from guardloop.storage.texts import normalize_text
-from service.app import create_app
 from tests.conftest import ADMIN_TOKEN, free_port, wait_for
 from tests.keyword_onnx import publish_keyword_model
 

@@ -7,8 +7,9 @@ from collections.abc import Sequence
 from datetime import UTC, datetime
 
 import pytest
+from guardloop.service.pool_writer import PoolSampler, PoolWriter, top_two_margin
 
-from guardloop.labels import LABELS
+from guardloop.core.labels import LABELS
 from guardloop.storage import (
     RANDOM_SAMPLE,
     UNCERTAIN,
@@ -18,7 +19,6 @@ from guardloop.storage import (
     PoolRepository,
     WriteOutcome,
 )
-from service.pool_writer import PoolSampler, PoolWriter, top_two_margin
 from tests.conftest import wait_for
 
 

@@ -13,8 +13,8 @@ from pathlib import Path
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from guardloop.datafiles import DataFileError, Example, load_examples
-from guardloop.labels import LABELS, UnknownLabelError, parse_label
+from guardloop.core.datafiles import DataFileError, Example, load_examples
+from guardloop.core.labels import LABELS, UnknownLabelError, parse_label
 
 FUZZ = settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 # Text as a file can hold it: any code point but lone surrogates (not encodable as UTF-8).

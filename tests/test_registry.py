@@ -12,9 +12,9 @@ from pathlib import Path
 
 import pydantic
 import pytest
+from guardloop.models.registry import VERSION_RE, ModelCard, ModelRegistry, RegistryError
 
-from guardloop.labels import LABELS
-from models.registry import VERSION_RE, ModelCard, ModelRegistry, RegistryError
+from guardloop.core.labels import LABELS
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 T0 = datetime(2026, 11, 25, 8, 0, tzinfo=UTC)
@@ -146,7 +146,7 @@ def test_new_version_name_avoids_existing_names(
             return next(short_tokens, None) or real_token_hex(nbytes)
         return real_token_hex(nbytes)
 
-    monkeypatch.setattr("models.registry.secrets.token_hex", token_hex)
+    monkeypatch.setattr("guardloop.models.registry.secrets.token_hex", token_hex)
     first = registry.new_version_name()
     registry.publish(staging, make_card(first))
     second = registry.new_version_name()
@@ -386,7 +386,7 @@ def test_publish_missing_staging_dir_rejected(registry: ModelRegistry, tmp_path:
 CRASH_CHILD = """
 import os, sys
 from pathlib import Path
-from models.registry import ModelCard, ModelRegistry
+from guardloop.models.registry import ModelCard, ModelRegistry
 
 root, op, arg, func = sys.argv[1:5]
 registry = ModelRegistry(Path(root))

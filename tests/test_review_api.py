@@ -12,13 +12,13 @@ from datetime import UTC, datetime
 
 import pytest
 from fastapi.testclient import TestClient
+from guardloop.service.app import create_app
 from sqlalchemy import func, select
 
-from guardloop.labels import LABELS
-from guardloop.settings import Settings
+from guardloop.core.labels import LABELS
+from guardloop.core.settings import Settings
 from guardloop.storage import UNCERTAIN, Database, LabelRequest, PoolRecord, PoolRepository, ReviewerRepository
 from guardloop.storage.tables import Label
-from service.app import create_app
 from tests.conftest import ADMIN_TOKEN
 from tests.tiny_onnx import publish_tiny
 

@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 from sqlalchemy import select
 
-from guardloop.labels import LABELS
-from guardloop.settings import Settings
+from guardloop.core.labels import LABELS
+from guardloop.core.settings import Settings
 from guardloop.storage import UNCERTAIN, Database, LabelRequest, PoolRecord, PoolRepository, ReviewerRepository
 from guardloop.storage.tables import Label
 from tests.conftest import live_server, unavailable

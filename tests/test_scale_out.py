@@ -12,9 +12,9 @@ from pathlib import Path
 
 import httpx
 import pytest
+from guardloop.models.registry import ModelRegistry
 
 from guardloop.storage import Database, PoolRepository
-from models.registry import ModelRegistry
 from tests.conftest import free_port, wait_for
 from tests.test_metrics import scrape
 from tests.tiny_onnx import publish_tiny

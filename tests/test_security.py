@@ -13,13 +13,13 @@ import httpx
 import pydantic
 import pytest
 from fastapi.testclient import TestClient
+from guardloop.models.registry import ModelRegistry
+from guardloop.service.app import create_app
+from guardloop.service.rate_limit import TokenBuckets
 
-from guardloop.rates import Rate
-from guardloop.settings import Settings
+from guardloop.core.rates import Rate
+from guardloop.core.settings import Settings
 from guardloop.storage import Database, ReviewerRepository
-from models.registry import ModelRegistry
-from service.app import create_app
-from service.rate_limit import TokenBuckets
 from tests.conftest import ADMIN_TOKEN, live_server
 from tests.tiny_onnx import publish_tiny
 
@@ -273,7 +273,7 @@ def test_keys_and_tokens_never_reach_the_logs(settings, model, tmp_path, caplog)
 def test_the_llm_api_key_never_reaches_the_logs(caplog):
     """The variations client at DEBUG (the openai client logs its request options, httpx its connections) against an
     endpoint that refuses: retries and failures are logged, the key is not."""
-    from trainer.variations import VariationConfig, VariationGenerator
+    from guardloop.trainer.variations import VariationConfig, VariationGenerator
 
     caplog.set_level(logging.DEBUG)
     secret = "sk-llm-secret-4c1d9e0b7a"

@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 from fastapi.testclient import TestClient
+from guardloop.service.app import create_app
 
-from guardloop.labels import LABELS
-from service.app import create_app
+from guardloop.core.labels import LABELS
 from tests.conftest import ADMIN_TOKEN
 from tests.tiny_onnx import publish_tiny
 

@@ -6,13 +6,14 @@ import json
 from pathlib import Path
 
 import pytest
+from guardloop.trainer.simulate import IterationResult, append_result_line, read_result_lines, summarize
 
-from guardloop.datafiles import load_examples
-from guardloop.labels import LABELS
+from guardloop.core.datafiles import load_examples
+from guardloop.core.labels import LABELS
+from guardloop.core.seed import SEED_DIR
 from tests.test_cli import assert_one_line_error, run_cli
-from trainer.simulate import IterationResult, append_result_line, read_result_lines, summarize
 
-SEED = Path(__file__).resolve().parents[1] / "guardloop" / "seed"
+SEED = SEED_DIR
 
 
 def iteration(n: int, f1: float, std: float, counts: list[int]) -> IterationResult:

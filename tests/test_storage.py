@@ -13,7 +13,7 @@ from alembic.migration import MigrationContext
 from sqlalchemy import func, inspect, select
 from sqlalchemy.exc import IntegrityError
 
-from guardloop.labels import LABELS
+from guardloop.core.labels import LABELS
 from guardloop.storage import (
     RANDOM_SAMPLE,
     UNCERTAIN,

@@ -4,9 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-
-from trainer.simulate import class_count_std, stratified_split
-from trainer.strategies import STRATEGIES, entropy, make_strategy
+from guardloop.trainer.simulate import class_count_std, stratified_split
+from guardloop.trainer.strategies import STRATEGIES, entropy, make_strategy
 
 CENTERS = np.array([[10.0, 0, 0], [0, 10.0, 0], [0, 0, 10.0], [10.0, 10.0, 10.0]])
 
@@ -96,7 +95,7 @@ def test_class_count_std_counts_missing_classes_as_zero():
 
 
 def test_stratified_split_holds_out_each_class():
-    from guardloop.datafiles import Example
+    from guardloop.core.datafiles import Example
 
     data = [Example(f"t{i}", "self-harm" if i % 3 else "legal-advice") for i in range(30)]
     kept, held = stratified_split(data, 0.3, seed=1)

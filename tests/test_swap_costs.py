@@ -3,9 +3,10 @@ again (parsing holds the GIL, which stalls every request)."""
 
 from __future__ import annotations
 
-from service import model_holder
-from service.memory import return_freed_memory
-from service.model_holder import ModelHolder
+from guardloop.service import model_holder
+from guardloop.service.memory import return_freed_memory
+from guardloop.service.model_holder import ModelHolder
+
 from tests.tiny_onnx import publish_tiny, write_tiny_model
 
 

@@ -20,11 +20,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
-from guardloop.labels import LABELS
-from tests.conftest import free_port, wait_for
-from trainer.llm_server import LLMServerError, LocalLLMServer
-from trainer.variations import (
+from guardloop.trainer.llm_server import LLMServerError, LocalLLMServer
+from guardloop.trainer.variations import (
     HygieneConfig,
     VariationConfig,
     VariationError,
@@ -36,6 +33,9 @@ from trainer.variations import (
     length_bounds,
     neutralize_post,
 )
+
+from guardloop.core.labels import LABELS
+from tests.conftest import free_port, wait_for
 
 ORIGINAL = "can my landlord keep my deposit because of a small stain on the carpet?"
 GOOD_ANSWER = (

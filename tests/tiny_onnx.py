@@ -14,11 +14,11 @@ from pathlib import Path
 
 import numpy as np
 import onnx
+from guardloop.models.registry import ModelCard, ModelRegistry
+from guardloop.trainer.base_models import minilm_dir
 from onnx import TensorProto, helper, numpy_helper
 
-from guardloop.labels import LABELS
-from models.registry import ModelCard, ModelRegistry
-from trainer.base_models import minilm_dir
+from guardloop.core.labels import LABELS
 
 VOCAB = 30522
 

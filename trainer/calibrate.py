@@ -19,10 +19,10 @@ from datetime import UTC, datetime
 from typing import Any, Literal
 
 import numpy as np
+from guardloop.models.registry import ModelCard, ModelRegistry
 from sklearn.metrics import precision_recall_curve
 
-from guardloop.labels import HARMFUL_LABELS, LABELS, SAFE_LABEL, UnknownLabelError, parse_label
-from models.registry import ModelCard, ModelRegistry
+from guardloop.core.labels import HARMFUL_LABELS, LABELS, SAFE_LABEL, UnknownLabelError, parse_label
 
 Metric = Literal["precision", "recall"]
 

@@ -24,13 +24,19 @@ from typing import Any
 
 import numpy as np
 from filelock import FileLock, Timeout
+from guardloop.models.onnx_model import OnnxClassifier
+from guardloop.models.registry import ModelRegistry
+from guardloop.trainer.metrics import classification_report
+from guardloop.trainer.simulate import stratified_split
+from guardloop.trainer.strategies import make_strategy
 from sqlalchemy import text
 from sqlalchemy.exc import SQLAlchemyError
 
-from guardloop import telemetry
-from guardloop.datafiles import Example, load_examples
-from guardloop.labels import LABELS
-from guardloop.settings import Settings
+from guardloop.core import telemetry
+from guardloop.core.datafiles import Example, load_examples
+from guardloop.core.labels import LABELS
+from guardloop.core.seed import SEED_DIR
+from guardloop.core.settings import Settings
 from guardloop.storage import Database, LabelRequest, PoolRepository, ReviewRepository, StorageError, StoredItem
 from guardloop.storage.cycles import (
     AWAITING_LABELS,
@@ -44,15 +50,9 @@ from guardloop.storage.cycles import (
     CycleView,
 )
 from guardloop.storage.texts import text_hash
-from models.onnx_model import OnnxClassifier
-from models.registry import ModelRegistry
-from trainer.metrics import classification_report
-from trainer.simulate import stratified_split
-from trainer.strategies import make_strategy
 
 log = logging.getLogger(__name__)
 
-SEED_DIR = Path(__file__).resolve().parents[1] / "guardloop" / "seed"
 ORACLE_REVIEWER = "oracle"
 _ADVISORY_LOCK_KEY = 74312  # any constant shared by every trainer of one database
 
@@ -242,7 +242,7 @@ class CycleRunner:
             self.cycles.update(cycle.id, status=SKIPPED, reason="the pool has no unrequested items", steps=self._steps)
             return self.cycles.get(cycle.id)  # type: ignore[return-value]
 
-        from trainer.embeddings import SentenceEmbedder
+        from guardloop.trainer.embeddings import SentenceEmbedder
 
         with self._step(cycle, "embed") as detail:
             embedder = SentenceEmbedder(self.settings.data_dir / "cache")
@@ -340,8 +340,8 @@ class CycleRunner:
         counts.update(train_size=len(train), human_labels_total=len(human), variations_total=len(variations))
         self.cycles.update(cycle.id, counts=counts)
 
-        from trainer.finetune import FineTuneConfig
-        from trainer.train import TrainJob, train_model
+        from guardloop.trainer.finetune import FineTuneConfig
+        from guardloop.trainer.train import TrainJob, train_model
 
         eval_set = self._eval_set()
         with tempfile.TemporaryDirectory(prefix="guardloop-cycle-") as tmp:
@@ -434,8 +434,8 @@ def base_training_sets(settings: Settings) -> tuple[list[Example], list[Example]
 
 def train_bootstrap_model(settings: Settings, registry: ModelRegistry, *, progress: bool = True) -> str:
     """The first model, from the base training data alone (what `serve` does on an empty registry)."""
-    from trainer.finetune import FineTuneConfig
-    from trainer.train import TrainJob, train_and_publish
+    from guardloop.trainer.finetune import FineTuneConfig
+    from guardloop.trainer.train import TrainJob, train_and_publish
 
     train, dev = base_training_sets(settings)
     files = settings.train_data or [SEED_DIR / "train.jsonl"]
@@ -452,7 +452,7 @@ def train_bootstrap_model(settings: Settings, registry: ModelRegistry, *, progre
 
 
 def build_cycle_runner(settings: Settings, *, oracle: Path | None = None, progress: bool = False) -> CycleRunner:
-    from trainer.variations import VariationGenerator
+    from guardloop.trainer.variations import VariationGenerator
 
     oracle_path = oracle or settings.cycle_oracle_file
     return CycleRunner(

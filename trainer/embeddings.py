@@ -15,9 +15,8 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 from filelock import FileLock
+from guardloop.trainer.base_models import minilm_dir
 from tokenizers import Tokenizer
-
-from trainer.base_models import minilm_dir
 
 EMBEDDER_NAME = "all-MiniLM-L6-v2"
 

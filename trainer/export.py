@@ -11,11 +11,11 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from guardloop.models.onnx_model import OnnxClassifier
+from guardloop.trainer.finetune import FineTuneResult, predict_proba
+from guardloop.trainer.metrics import classification_report
 
-from guardloop.labels import LABELS
-from models.onnx_model import OnnxClassifier
-from trainer.finetune import FineTuneResult, predict_proba
-from trainer.metrics import classification_report
+from guardloop.core.labels import LABELS
 
 QUANTIZATION = "int8-dynamic-per-channel"
 

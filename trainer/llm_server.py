@@ -96,7 +96,7 @@ class LocalLLMServer:
         command = [
             sys.executable,
             "-m",
-            "trainer.llm_server",
+            "guardloop.trainer.llm_server",
             "--model",
             str(model_path),
             "--model_alias",
@@ -125,7 +125,7 @@ class LocalLLMServer:
     def start(self) -> None:
         if self._process is not None:
             raise LLMServerError("the embedded LLM server is already running")
-        from trainer.base_models import smollm2_gguf
+        from guardloop.trainer.base_models import smollm2_gguf
 
         model_path = self._model_path or smollm2_gguf()
         port = _free_loopback_port()

@@ -7,7 +7,7 @@ from typing import Any
 
 from sklearn.metrics import accuracy_score, confusion_matrix, precision_recall_fscore_support
 
-from guardloop.labels import LABELS
+from guardloop.core.labels import LABELS
 
 
 def classification_report(y_true: Sequence[str], y_pred: Sequence[str]) -> dict[str, Any]:

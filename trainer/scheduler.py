@@ -11,7 +11,7 @@ from apscheduler.schedulers.blocking import BlockingScheduler
 from apscheduler.triggers.cron import CronTrigger
 from apscheduler.triggers.interval import IntervalTrigger
 
-from guardloop.settings import Settings
+from guardloop.core.settings import Settings
 
 log = logging.getLogger(__name__)
 

@@ -19,14 +19,14 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from guardloop.trainer.base_models import minilm_dir
+from guardloop.trainer.embeddings import SentenceEmbedder
+from guardloop.trainer.finetune import FineTuneConfig, TrainingExample, fine_tune, predict_proba
+from guardloop.trainer.metrics import classification_report
+from guardloop.trainer.strategies import make_strategy
 
-from guardloop.datafiles import Example
-from guardloop.labels import LABELS
-from trainer.base_models import minilm_dir
-from trainer.embeddings import SentenceEmbedder
-from trainer.finetune import FineTuneConfig, TrainingExample, fine_tune, predict_proba
-from trainer.metrics import classification_report
-from trainer.strategies import make_strategy
+from guardloop.core.datafiles import Example
+from guardloop.core.labels import LABELS
 
 log = logging.getLogger(__name__)
 
@@ -238,7 +238,7 @@ def llm_variation_maker(generator: Any, cache_file: Path | None = None) -> Varia
     that pick the same item reuse them (the LLM is the slow part here); the consistency filter is applied
     afterwards with the model of the current iteration, exactly as in a live cycle.
     """
-    from trainer.variations import consistency_filter
+    from guardloop.trainer.variations import consistency_filter
 
     cache: dict[str, list[str]] = {}
     if cache_file is not None and cache_file.is_file():

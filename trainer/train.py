@@ -10,12 +10,13 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from guardloop.datafiles import Example
-from guardloop.labels import LABELS
-from models.registry import ModelCard, ModelRegistry
-from trainer import base_models
-from trainer.export import QUANTIZATION, export_onnx, onnx_agreement
-from trainer.finetune import FineTuneConfig, TrainingExample, fine_tune, predict_proba
+from guardloop.models.registry import ModelCard, ModelRegistry
+from guardloop.trainer import base_models
+from guardloop.trainer.export import QUANTIZATION, export_onnx, onnx_agreement
+from guardloop.trainer.finetune import FineTuneConfig, TrainingExample, fine_tune, predict_proba
+
+from guardloop.core.datafiles import Example
+from guardloop.core.labels import LABELS
 
 log = logging.getLogger(__name__)
 

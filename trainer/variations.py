@@ -28,19 +28,19 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from guardloop import telemetry
-from guardloop.labels import LABELS, label_index, parse_label
+from guardloop.core import telemetry
+from guardloop.core.labels import LABELS, label_index, parse_label
 
 if TYPE_CHECKING:
     import openai
+    from guardloop.trainer.llm_server import LocalLLMServer
 
-    from guardloop.settings import Settings
-    from trainer.llm_server import LocalLLMServer
+    from guardloop.core.settings import Settings
 
 log = logging.getLogger(__name__)
 
 PredictProba = Callable[[list[str]], np.ndarray]
-"""texts -> probabilities of shape (len(texts), 6) in guardloop.labels.LABELS order."""
+"""texts -> probabilities of shape (len(texts), 6) in guardloop.core.labels.LABELS order."""
 
 # --------------------------------------------------------------------------------------------- the prompt
 CATEGORY_DESCRIPTIONS: dict[str, str] = {
@@ -448,7 +448,7 @@ class VariationGenerator:
         )
 
         def embedded_server() -> LocalLLMServer:
-            from trainer.llm_server import LocalLLMServer
+            from guardloop.trainer.llm_server import LocalLLMServer
 
             return LocalLLMServer(threads=settings.llm_threads, seed=settings.seed)
 
@@ -479,7 +479,7 @@ class VariationGenerator:
 
         base_url = self.base_url
         if base_url is None:
-            from trainer.llm_server import LocalLLMServer
+            from guardloop.trainer.llm_server import LocalLLMServer
 
             factory = self._embedded_server_factory or LocalLLMServer
             self._server = factory()

@@ -10,7 +10,7 @@ from typing import Any
 
 from sqlalchemy import and_, case, delete, exists, func, not_, or_, select, update
 
-from guardloop.labels import LABELS
+from guardloop.core.labels import LABELS
 from guardloop.storage.db import Database
 from guardloop.storage.tables import RANDOM_SAMPLE, UNCERTAIN, Label, PoolItem
 from guardloop.storage.texts import redact, text_hash

@@ -14,7 +14,7 @@ from sqlalchemy import and_, exists, func, not_, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from guardloop.labels import LABELS
+from guardloop.core.labels import LABELS
 from guardloop.storage.db import Database
 from guardloop.storage.pool import StoredItem, _as_time
 from guardloop.storage.tables import ADJUDICATION, NON_LABELS, REVIEW, Label, PoolItem, utcnow

@@ -3,14 +3,13 @@ from __future__ import annotations
 import uuid
 
 from fastapi import APIRouter, Depends, Request
-
-from models.onnx_model import Verdict
-from service.auth import client_identity
-from service.classification import check_limits, classify_texts
-from service.conversation import conversation_texts, pick_verdict
-from service.deps import GuidelinesDep, SettingsDep
-from service.guideline_store import GuidelineStore
-from service.schemas import Classification, ClassifyRequest, ClassifyResponse, ErrorResponse
+from guardloop.models.onnx_model import Verdict
+from guardloop.service.auth import client_identity
+from guardloop.service.classification import check_limits, classify_texts
+from guardloop.service.conversation import conversation_texts, pick_verdict
+from guardloop.service.deps import GuidelinesDep, SettingsDep
+from guardloop.service.guideline_store import GuidelineStore
+from guardloop.service.schemas import Classification, ClassifyRequest, ClassifyResponse, ErrorResponse
 
 __all__ = ["check_limits", "router"]
 

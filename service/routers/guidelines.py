@@ -1,9 +1,8 @@
 from __future__ import annotations
 
 from fastapi import APIRouter
-
-from service.deps import GuidelinesDep
-from service.schemas import GuidelinesResponse, RefusedGuidelines
+from guardloop.service.deps import GuidelinesDep
+from guardloop.service.schemas import GuidelinesResponse, RefusedGuidelines
 
 router = APIRouter(tags=["guidelines"])
 

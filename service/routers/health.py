@@ -2,8 +2,7 @@ from __future__ import annotations
 
 from fastapi import APIRouter
 from fastapi.responses import JSONResponse
-
-from service.deps import HolderDep
+from guardloop.service.deps import HolderDep
 
 router = APIRouter(tags=["health"])
 

@@ -3,9 +3,8 @@ from __future__ import annotations
 import asyncio
 
 from fastapi import APIRouter, Depends, HTTPException, status
-
-from service.deps import HolderDep, SettingsDep, require_admin
-from service.schemas import ErrorResponse, ModelInfo, ReloadResponse
+from guardloop.service.deps import HolderDep, SettingsDep, require_admin
+from guardloop.service.schemas import ErrorResponse, ModelInfo, ReloadResponse
 
 router = APIRouter(tags=["models"])
 

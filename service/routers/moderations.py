@@ -5,12 +5,12 @@ from __future__ import annotations
 import uuid
 
 from fastapi import APIRouter, Depends, Request, Response
+from guardloop.service.auth import client_identity
+from guardloop.service.classification import classify_texts
+from guardloop.service.errors import OpenAIErrorRoute
+from guardloop.service.schemas import ErrorResponse, ModerationRequest, ModerationResponse, ModerationResult
 
-from guardloop.labels import LABELS, SAFE_LABEL
-from service.auth import client_identity
-from service.classification import classify_texts
-from service.errors import OpenAIErrorRoute
-from service.schemas import ErrorResponse, ModerationRequest, ModerationResponse, ModerationResult
+from guardloop.core.labels import LABELS, SAFE_LABEL
 
 router = APIRouter(tags=["openai-compatible"], route_class=OpenAIErrorRoute)
 

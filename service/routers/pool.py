@@ -6,11 +6,11 @@ from datetime import UTC, datetime, timedelta
 from typing import Annotated
 
 from fastapi import APIRouter, Depends, HTTPException, Query, Request, status
+from guardloop.service.deps import DatabaseDep, PoolLoggerDep, require_admin
+from guardloop.service.review_schemas import PoolStatusOut, PurgeOut, WriterCountersOut
+from guardloop.service.schemas import ErrorResponse
 
 from guardloop.storage import PoolRepository, StorageError
-from service.deps import DatabaseDep, PoolLoggerDep, require_admin
-from service.review_schemas import PoolStatusOut, PurgeOut, WriterCountersOut
-from service.schemas import ErrorResponse
 
 router = APIRouter(
     prefix="/admin/pool",

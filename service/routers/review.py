@@ -9,9 +9,23 @@ from contextlib import contextmanager
 from typing import Annotated
 
 from fastapi import APIRouter, HTTPException, Path, Query, status
+from guardloop.service.auth import ReviewerName
+from guardloop.service.deps import DatabaseDep, SettingsDep
+from guardloop.service.review_schemas import (
+    AdjudicationBody,
+    AdjudicationItem,
+    ItemHistory,
+    LabelBody,
+    LabelOut,
+    QueueResponse,
+    ReviewItem,
+    ReviewStatsOut,
+    UndoResponse,
+)
+from guardloop.service.schemas import ErrorResponse
 
-from guardloop import telemetry
-from guardloop.labels import LABELS, UnknownLabelError, parse_label
+from guardloop.core import telemetry
+from guardloop.core.labels import LABELS, UnknownLabelError, parse_label
 from guardloop.storage import (
     NON_LABELS,
     AlreadyAnswered,
@@ -25,20 +39,6 @@ from guardloop.storage import (
     ReviewError,
     ReviewRepository,
 )
-from service.auth import ReviewerName
-from service.deps import DatabaseDep, SettingsDep
-from service.review_schemas import (
-    AdjudicationBody,
-    AdjudicationItem,
-    ItemHistory,
-    LabelBody,
-    LabelOut,
-    QueueResponse,
-    ReviewItem,
-    ReviewStatsOut,
-    UndoResponse,
-)
-from service.schemas import ErrorResponse
 
 router = APIRouter(
     prefix="/review",

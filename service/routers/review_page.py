@@ -13,7 +13,7 @@ from fastapi import APIRouter, HTTPException, status
 from fastapi.responses import FileResponse, HTMLResponse
 from jinja2 import Environment, FileSystemLoader, select_autoescape
 
-from guardloop.labels import LABELS
+from guardloop.core.labels import LABELS
 
 SERVICE_DIR = Path(__file__).resolve().parent.parent
 TEMPLATES = Environment(

@@ -27,10 +27,10 @@ from typing import TYPE_CHECKING
 from prometheus_client import REGISTRY, Counter, Gauge, Histogram
 from prometheus_client.registry import Collector
 
-from guardloop.labels import LABELS
+from guardloop.core.labels import LABELS
 
 if TYPE_CHECKING:
-    from models.onnx_model import Verdict
+    from guardloop.models.onnx_model import Verdict
 
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 UNCERTAINTY_BUCKETS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)

@@ -31,12 +31,13 @@ from pathlib import Path
 import httpx
 import typer
 
-from guardloop.bench import percentile
-from guardloop.bench_pool import start_service, text_mix
-from guardloop.labels import LABELS
-from guardloop.settings import Settings
+from guardloop.bench.classify import percentile
+from guardloop.bench.pool import start_service, text_mix
+from guardloop.core.errors import UserError
+from guardloop.core.labels import LABELS
+from guardloop.core.settings import Settings
+from guardloop.models.registry import ModelRegistry
 from guardloop.storage import Database, LabelRequest, PoolRepository, ReviewerRepository
-from models.registry import ModelRegistry
 
 WARM_UP_SECONDS = 5.0
 REVIEWER = "soak-reviewer"
@@ -182,8 +183,6 @@ def soak_registry(source: ModelRegistry, root: Path) -> tuple[ModelRegistry, tup
     """A registry with the source's current model and a twin of it (same files, another name)."""
     current = source.current()
     if current is None:
-        from guardloop.cli import UserError
-
         raise UserError(f"no current model in {source.root}; train one (guardloop train) or pass --registry-dir")
     registry = ModelRegistry(root)
     card = source.card(current)

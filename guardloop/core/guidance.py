@@ -2,7 +2,7 @@
 
 Following the guideline-library idea (Guide-Align): the guard does not only say "medical-advice", it hands
 the chatbot concrete instructions to put into its prompt. A library is a versioned YAML file; the team's
-defaults ship in `guardloop/guidelines/default.yaml`, operators may point `guidelines_path` at their own.
+defaults ship in `guardloop/core/guidelines/default.yaml`, operators may point `guidelines_path` at their own.
 
 Every harmful category needs an entry (a flagged text must always get guidance); optional topic entries
 refine it and are picked by keywords found in the text, which costs microseconds on the hot path.
@@ -18,7 +18,7 @@ from pathlib import Path
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from guardloop.labels import HARMFUL_BY_SEVERITY, HARMFUL_LABELS
+from guardloop.core.labels import HARMFUL_BY_SEVERITY, HARMFUL_LABELS
 
 DEFAULT_LIBRARY_PATH = Path(__file__).parent / "guidelines" / "default.yaml"
 # A note, not a hard limit of YAML: an operator's file this large is almost certainly the wrong file.

@@ -26,11 +26,11 @@ from pathlib import Path
 import httpx
 import typer
 
-from guardloop.settings import Settings
+from guardloop.core.seed import SEED_DIR
+from guardloop.core.settings import Settings
 from guardloop.storage import UNCERTAIN, Database, PoolRepository, StorageError, safe_url
 from guardloop.storage.texts import normalize_text, text_hash
 
-SEED_DIR = Path(__file__).parent / "seed"
 WARM_UP_CALLS = 50
 
 
@@ -183,7 +183,7 @@ def run_pool_bench(
     seed: int,
     settings: Settings,
 ) -> None:
-    from models.registry import ModelRegistry, RegistryError
+    from guardloop.models.registry import ModelRegistry, RegistryError
 
     # Errors the CLI prints as one line (not cli.UserError: under `python -m guardloop.cli` that is another class).
     if ModelRegistry(registry_dir).current() is None:

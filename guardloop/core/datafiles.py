@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from guardloop.labels import UnknownLabelError, parse_label
+from guardloop.core.labels import UnknownLabelError, parse_label
 
 TEXT_COLUMNS: tuple[str, ...] = ("text", "title", "input", "message", "content")
 LABEL_COLUMNS: tuple[str, ...] = ("label", "category")

@@ -7,13 +7,12 @@ import asyncio
 import json
 import statistics
 import time
-from pathlib import Path
 from urllib.parse import urlsplit
 
 import httpx
 import typer
 
-SEED_EVAL = Path(__file__).parent / "seed" / "eval.jsonl"
+from guardloop.core.seed import SEED_EVAL
 
 
 def bench_texts() -> list[str]:
@@ -110,7 +109,7 @@ def pipeline_reference(texts: list[str], n: int) -> tuple[list[float], float]:
     import torch
     from transformers import AutoModelForSequenceClassification, AutoTokenizer, pipeline
 
-    from trainer.base_models import minilm_dir
+    from guardloop.trainer.base_models import minilm_dir
 
     base = minilm_dir()
     model = AutoModelForSequenceClassification.from_pretrained(base, num_labels=6)

@@ -16,9 +16,10 @@ from typing import Annotated, Any, TypeVar
 
 import typer
 
-from guardloop.datafiles import DataFileError, load_examples
-from guardloop.labels import LABELS
-from guardloop.settings import Settings
+from guardloop.core.datafiles import DataFileError, load_examples
+from guardloop.core.errors import UserError
+from guardloop.core.labels import LABELS
+from guardloop.core.settings import Settings
 
 app = typer.Typer(
     help="guardloop: a safety classifier that keeps learning from the traffic it guards.",
@@ -30,23 +31,18 @@ bench_app = typer.Typer(help="Benchmarks that print numbers.", no_args_is_help=T
 app.add_typer(models_app, name="models")
 app.add_typer(bench_app, name="bench")
 
-SEED_DIR = Path(__file__).parent / "seed"
 F = TypeVar("F", bound=Callable[..., Any])
-
-
-class UserError(Exception):
-    """Anything the user can fix; printed as one line."""
 
 
 def _user_errors() -> tuple[type[BaseException], ...]:
     from pydantic import ValidationError
 
-    from models.onnx_model import ModelLoadError
-    from models.registry import RegistryError
+    from guardloop.models.onnx_model import ModelLoadError
+    from guardloop.models.registry import RegistryError
 
     errors: list[type[BaseException]] = [UserError, DataFileError, RegistryError, ModelLoadError, ValidationError]
     try:
-        from trainer.base_models import BaseModelMissing
+        from guardloop.trainer.base_models import BaseModelMissing
 
         errors.append(BaseModelMissing)
     except ImportError:  # serve-only install: no trainer dependencies
@@ -102,8 +98,8 @@ def serve(
     """Serve POST /classify; with an empty registry, first train a bootstrap model from the seed data."""
     import uvicorn
 
-    from models.registry import ModelRegistry
-    from service.app import create_app
+    from guardloop.models.registry import ModelRegistry
+    from guardloop.service.app import create_app
 
     _setup_logging()
     settings = load_settings()
@@ -116,15 +112,15 @@ def serve(
         )
     registry = ModelRegistry(settings.registry_dir)
     if registry.current() is None and bootstrap:
-        from trainer.cycle import train_bootstrap_model
+        from guardloop.trainer.cycle import train_bootstrap_model
 
         typer.echo("no model in the registry yet: training a bootstrap model from the seed data", err=True)
         version = train_bootstrap_model(settings, registry)
         typer.echo(f"published bootstrap model {version}", err=True)
     scheduler = None
     if with_trainer:
-        from trainer.cycle import build_cycle_runner
-        from trainer.scheduler import build_scheduler
+        from guardloop.trainer.cycle import build_cycle_runner
+        from guardloop.trainer.scheduler import build_scheduler
 
         runner = build_cycle_runner(settings)
         runner.export_last_promoted()  # the cycle metrics then show on this service's /metrics
@@ -147,7 +143,7 @@ def _guarded(run: Callable[[], Any]) -> Callable[[], None]:
     """A scheduled cycle logs what stopped it (busy lock, failure) instead of killing the scheduler."""
 
     def job() -> None:
-        from trainer.cycle import CycleBusy
+        from guardloop.trainer.cycle import CycleBusy
 
         try:
             cycle = run()
@@ -187,9 +183,9 @@ def _train(
     for bad in [*train_data.bad_rows, *(dev_data.bad_rows if dev_data else [])]:
         typer.echo(f"skipped {bad.path}:{bad.line}: {bad.reason}", err=True)
     # Heavy imports (torch, transformers) only after the data has been checked: bad input fails fast.
-    from models.registry import ModelRegistry
-    from trainer.finetune import FineTuneConfig
-    from trainer.train import TrainJob, train_and_publish
+    from guardloop.models.registry import ModelRegistry
+    from guardloop.trainer.finetune import FineTuneConfig
+    from guardloop.trainer.train import TrainJob, train_and_publish
 
     teacher = config_overrides.pop("teacher", None)
     teacher_epochs = config_overrides.pop("teacher_epochs", 4)
@@ -267,8 +263,8 @@ def train(
 
 def _load_version(settings: Settings, model: str | None) -> tuple[str, Any, Any]:
     """(version, card, classifier) of `model`, or of the current version."""
-    from models.onnx_model import OnnxClassifier
-    from models.registry import ModelRegistry
+    from guardloop.models.onnx_model import OnnxClassifier
+    from guardloop.models.registry import ModelRegistry
 
     registry = ModelRegistry(settings.registry_dir)
     version = model or registry.current()
@@ -293,7 +289,7 @@ def evaluate(
     skip_bad_rows: Annotated[bool, typer.Option()] = False,
 ) -> None:
     """Accuracy, macro precision/recall/F1, per-class F1 and the confusion matrix of a served (ONNX) model."""
-    from trainer.metrics import classification_report
+    from guardloop.trainer.metrics import classification_report
 
     settings = load_settings()
     loaded = load_examples(
@@ -349,8 +345,8 @@ def calibrate(
     skip_bad_rows: Annotated[bool, typer.Option()] = False,
 ) -> None:
     """Tune per-category thresholds on a labeled file; publish them as a new version (parent: the old one)."""
-    from models.registry import ModelRegistry
-    from trainer.calibrate import CalibrationError, calibrate_thresholds, parse_targets, publish_calibrated
+    from guardloop.models.registry import ModelRegistry
+    from guardloop.trainer.calibrate import CalibrationError, calibrate_thresholds, parse_targets, publish_calibrated
 
     try:
         targets = parse_targets(target_precision or [], target_recall or [])
@@ -423,7 +419,7 @@ def cycle(
     if not now:
         raise UserError("say --now to run a cycle by hand; `guardloop trainer` runs them on a schedule")
     _setup_logging()
-    from trainer.cycle import CycleBusy, build_cycle_runner
+    from guardloop.trainer.cycle import CycleBusy, build_cycle_runner
 
     updates = {k: v for k, v in {"cycle_strategy": strategy, "cycle_budget": budget}.items() if v is not None}
     if strategy is not None and strategy not in ("random", "topn", "coreset", "cluster"):
@@ -444,8 +440,8 @@ def cycle(
 def trainer() -> None:
     """The trainer process: runs the active-learning cycle on the configured schedule (interval or cron)."""
     _setup_logging()
-    from trainer.cycle import build_cycle_runner
-    from trainer.scheduler import ScheduleError, build_scheduler
+    from guardloop.trainer.cycle import build_cycle_runner
+    from guardloop.trainer.scheduler import ScheduleError, build_scheduler
 
     settings = load_settings()
     runner = build_cycle_runner(settings)
@@ -534,7 +530,7 @@ def simulate(
     """The whole loop with oracle labels: per iteration the acquired class counts, their std, and eval macro-F1."""
     strategies = strategy or ["cluster"]
     seeds = seed or [13]
-    from trainer.strategies import STRATEGIES
+    from guardloop.trainer.strategies import STRATEGIES
 
     unknown = [name for name in strategies if name not in STRATEGIES]
     if unknown:
@@ -550,9 +546,9 @@ def simulate(
     eval_examples = load_examples([eval_data]).examples if eval_data else None
 
     _setup_logging()
-    from trainer.finetune import FineTuneConfig
-    from trainer.simulate import Simulation, append_result_line, llm_variation_maker, stratified_split
-    from trainer.variations import VariationGenerator
+    from guardloop.trainer.finetune import FineTuneConfig
+    from guardloop.trainer.simulate import Simulation, append_result_line, llm_variation_maker, stratified_split
+    from guardloop.trainer.variations import VariationGenerator
 
     settings = load_settings().model_copy(update={"llm_variations": max(variations, 1)})
     results = []
@@ -596,7 +592,7 @@ def simulate(
     if as_json:
         typer.echo(json.dumps({"runs": results, "labels": list(LABELS)}))
         return
-    from trainer.simulate import summarize
+    from guardloop.trainer.simulate import summarize
 
     _print_simulation_table(summarize([{**it, **run} for run in results for it in run["iterations"]]))
 
@@ -619,7 +615,7 @@ def simulate_report(
     results_files: Annotated[list[Path], typer.Argument(help="JSON-lines files written by simulate --results")],
 ) -> None:
     """Mean over seeds, per strategy and iteration, of runs recorded with `simulate --results`."""
-    from trainer.simulate import read_result_lines, summarize
+    from guardloop.trainer.simulate import read_result_lines, summarize
 
     lines = []
     for path in results_files:
@@ -636,7 +632,7 @@ def simulate_report(
 
 # --------------------------------------------------------------------------------------------- models
 def _registry() -> Any:
-    from models.registry import ModelRegistry
+    from guardloop.models.registry import ModelRegistry
 
     return ModelRegistry(load_settings().registry_dir)
 
@@ -704,8 +700,8 @@ def variations(
     skip_bad_rows: Annotated[bool, typer.Option()] = False,
 ) -> None:
     """Ask the LLM (GUARDLOOP_LLM_*, default: the embedded SmolLM2) for label-preserving variations of labeled rows."""
-    from trainer.llm_server import LLMServerError
-    from trainer.variations import VariationGenerator
+    from guardloop.trainer.llm_server import LLMServerError
+    from guardloop.trainer.variations import VariationGenerator
 
     _setup_logging()
     for noisy in ("httpx", "httpx2"):  # one line per HTTP request drowns the per-row lines
@@ -762,8 +758,8 @@ def variations(
 
 def _current_model_predict_proba(settings: Settings) -> tuple[Any, str | None]:
     """The registry's current model as predict_proba (texts -> (n, 6)), or (None, None) with no current model."""
-    from models.onnx_model import OnnxClassifier
-    from models.registry import ModelRegistry
+    from guardloop.models.onnx_model import OnnxClassifier
+    from guardloop.models.registry import ModelRegistry
 
     registry = ModelRegistry(settings.registry_dir)
     version = registry.current()
@@ -790,7 +786,7 @@ def bench_classify(
     api_key: Annotated[str | None, typer.Option(envvar="GUARDLOOP_BENCH_API_KEY")] = None,
 ) -> None:
     """HTTP latency (concurrency 1) and throughput (concurrency N) beside a transformers pipeline on torch."""
-    from guardloop.bench import run_classify_bench
+    from guardloop.bench.classify import run_classify_bench
 
     run_classify_bench(url, requests=requests, concurrency=concurrency, reference=reference, api_key=api_key)
 
@@ -808,7 +804,7 @@ def bench_soak(
 ) -> None:
     """Steady load from a second process while models are hot-swapped and a reviewer labels: requests, errors,
     p50/p99 and memory over time, a no-swap baseline first. Exit 1 when a target is missed."""
-    from guardloop.bench_soak import run_soak_bench
+    from guardloop.bench.soak import run_soak_bench
 
     settings = load_settings()
     met = run_soak_bench(
@@ -985,7 +981,7 @@ def bench_pool(
     ] = None,
 ) -> None:
     """/classify p50/p99 with pool logging on vs off (two services, calls interleaved), then the pool's contents."""
-    from guardloop.bench_pool import run_pool_bench
+    from guardloop.bench.pool import run_pool_bench
 
     settings = load_settings()
     overrides = {"pool_uncertainty_threshold": uncertainty_threshold, "pool_sample_rate": sample_rate}

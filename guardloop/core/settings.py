@@ -14,8 +14,8 @@ from pydantic_settings import (
     YamlConfigSettingsSource,
 )
 
-from guardloop.labels import SAFE_LABEL, parse_label
-from guardloop.rates import Rate
+from guardloop.core.labels import SAFE_LABEL, parse_label
+from guardloop.core.rates import Rate
 
 
 class Settings(BaseSettings):

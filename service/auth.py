@@ -78,5 +78,19 @@ def require_reviewer(
     return name
 
 
+def review_reader(
+    settings: Annotated[Settings, Depends(get_settings)],
+    database: Annotated[Database, Depends(get_database)],
+    authorization: Annotated[str | None, Header(include_in_schema=False)] = None,
+) -> str | None:
+    """Who reads review items: None for the admin token (reads every pool item), else the reviewer's name
+    (reads only the items the review repository lets them: requested ones and their own)."""
+    token, expected = bearer_token(authorization), settings.admin_token_value
+    if token is not None and expected and hmac.compare_digest(token.encode(), expected.encode()):
+        return None
+    return require_reviewer(database, authorization)
+
+
 ClientId = Annotated[str | None, Depends(client_identity)]
 ReviewerName = Annotated[str, Depends(require_reviewer)]
+ReviewReader = Annotated[str | None, Depends(review_reader)]

@@ -10,7 +10,7 @@ from dataclasses import asdict, dataclass, field
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import and_, exists, func, not_, select
+from sqlalchemy import and_, exists, func, not_, or_, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
@@ -215,12 +215,30 @@ class ReviewRepository:
             session.flush()
             return LabelView.of(last)
 
-    def history(self, item_id: int) -> list[LabelView]:
+    def history(self, item_id: int, *, reader: str | None = None) -> list[LabelView]:
+        """Every answer the item ever got. With `reader` (a reviewer's name) the item must be one they may read
+        (see readable_by); any other item is "not found", exactly like a missing one, so ids cannot be probed."""
         with self.database.read() as session:
-            if session.get(PoolItem, item_id) is None:
+            if session.get(PoolItem, item_id) is None or (
+                reader is not None and not self._readable(session, item_id, reader)
+            ):
                 raise ItemNotFound(f"no pool item {item_id}")
             rows = session.scalars(select(Label).where(Label.item_id == item_id).order_by(Label.id)).all()
             return [LabelView.of(row) for row in rows]
+
+    def readable_by(self, item_id: int, reviewer: str) -> bool:
+        """Whether `reviewer` may read the item's text: it is requested for review (the trainer put it in front of
+        the team: the queue, adjudication) or they answered it at some point (also after a withdrawal or undo).
+        Never-requested pool texts are raw traffic; only admins read those."""
+        with self.database.read() as session:
+            return self._readable(session, item_id, reviewer)
+
+    def _readable(self, session: Session, item_id: int, reviewer: str) -> bool:
+        answered = exists().where(Label.item_id == PoolItem.id, Label.reviewer == reviewer)
+        found = session.scalar(
+            select(PoolItem.id).where(PoolItem.id == item_id, or_(PoolItem.requested_at.is_not(None), answered))
+        )
+        return found is not None
 
     # ------------------------------------------------------------------ adjudication
     def adjudication_queue(self, *, limit: int = 50) -> list[tuple[StoredItem, list[LabelView]]]:

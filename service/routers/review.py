@@ -9,7 +9,7 @@ from contextlib import contextmanager
 from typing import Annotated
 
 from fastapi import APIRouter, HTTPException, Path, Query, status
-from guardloop.service.auth import ReviewerName
+from guardloop.service.auth import ReviewerName, ReviewReader
 from guardloop.service.deps import DatabaseDep, SettingsDep
 from guardloop.service.review_schemas import (
     AdjudicationBody,
@@ -179,11 +179,12 @@ def undo(reviewer: ReviewerName, database: DatabaseDep, settings: SettingsDep) -
     "/items/{item_id}",
     response_model=ItemHistory,
     responses={404: {"model": ErrorResponse}},
-    summary="One item with every answer it ever got",
+    summary="One item with every answer it ever got (reviewers: items requested for review or answered by them; "
+    "the admin token: any item)",
 )
-def item_history(item_id: ItemId, reviewer: ReviewerName, database: DatabaseDep, settings: SettingsDep) -> ItemHistory:
-    with review_errors():
-        labels = _reviews(database, settings).history(item_id)
+def item_history(item_id: ItemId, reader: ReviewReader, database: DatabaseDep, settings: SettingsDep) -> ItemHistory:
+    with review_errors():  # an item the reviewer may not read is a 404 like a missing one: ids cannot be probed
+        labels = _reviews(database, settings).history(item_id, reader=reader)
         return ItemHistory(item=_item(database, item_id), labels=[LabelOut.of(label) for label in labels])
 
 

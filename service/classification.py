@@ -2,6 +2,11 @@
 
 Routes turn their own request shape into a list of texts and call `classify_texts`; limits, errors and
 anything that must happen for every classified text (logging, metrics) live here, once.
+
+The model reads each text's canonical form (guardloop.core.canonical: fullwidth letters, bidi overrides,
+invisible characters, look-alike letters and leetspeak undone), so a disguised text scores like its plain
+form; the pool keeps the text as it was sent. Text that cannot be encoded (a lone surrogate from a JSON
+escape) is a 422 here, before it can reach the tokenizer or the database.
 """
 
 from __future__ import annotations
@@ -15,18 +20,25 @@ from guardloop.service.batcher import NoModelLoaded
 from guardloop.service.model_holder import LoadedModel
 
 from guardloop.core import telemetry
+from guardloop.core.canonical import canonical_text, text_problem
 
 log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
 class ClassifiedTexts:
-    texts: list[str]
+    texts: list[str]  # as sent
+    canonical: list[str]  # what the model read, in the order of `texts`
     verdicts: list[Verdict]  # in the order of `texts`
     model: LoadedModel  # the one version that answered all of them
 
 
-def check_limits(texts: list[str], max_texts: int, max_chars: int) -> None:
+def _unprocessable(message: str) -> HTTPException:
+    return HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT, message)
+
+
+def check_limits(texts: list[str], max_texts: int, max_chars: int) -> list[str]:
+    """Refuse what cannot or must not be classified; return the canonical form of each text."""
     if not texts:
         raise HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT, "no text to classify: send at least one text")
     if len(texts) > max_texts:
@@ -34,14 +46,19 @@ def check_limits(texts: list[str], max_texts: int, max_chars: int) -> None:
             status.HTTP_422_UNPROCESSABLE_CONTENT,
             f"too many texts: {len(texts)} sent, at most {max_texts} per request; split the request",
         )
+    canonical = []
     for i, text in enumerate(texts):
-        if not text.strip():
-            raise HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT, f"text {i} is empty: send some words")
         if len(text) > max_chars:
-            raise HTTPException(
-                status.HTTP_422_UNPROCESSABLE_CONTENT,
-                f"text {i} has {len(text)} characters, at most {max_chars} allowed; shorten it",
-            )
+            raise _unprocessable(f"text {i} has {len(text)} characters, at most {max_chars} allowed; shorten it")
+        problem = text_problem(text)
+        if problem is not None:
+            raise _unprocessable(f"text {i} {problem}")
+        readable = canonical_text(text)
+        if not readable.strip():
+            invisible = " (it has only invisible characters)" if text.strip() else ""
+            raise _unprocessable(f"text {i} is empty{invisible}: send some words")
+        canonical.append(readable)
+    return canonical
 
 
 async def classify_texts(request: Request, texts: list[str], *, pooled: int | None = None) -> ClassifiedTexts:
@@ -51,12 +68,12 @@ async def classify_texts(request: Request, texts: list[str], *, pooled: int | No
     the others are not user messages (a conversation's context window).
     """
     settings = request.app.state.settings
-    check_limits(texts, settings.max_texts, settings.max_text_chars)
+    canonical = check_limits(texts, settings.max_texts, settings.max_text_chars)  # what the model reads
     try:
-        probs, model = await request.app.state.batcher.predict(texts)
+        probs, model = await request.app.state.batcher.predict(canonical)
     except NoModelLoaded as exc:
         raise HTTPException(status.HTTP_503_SERVICE_UNAVAILABLE, "no model loaded yet; retry shortly") from exc
-    classified = ClassifiedTexts(texts, [model.classifier.verdict(row) for row in probs], model)
+    classified = ClassifiedTexts(texts, canonical, [model.classifier.verdict(row) for row in probs], model)
     callers_texts = len(texts) if pooled is None else pooled
     telemetry.record_verdicts(classified.verdicts[:callers_texts])
     _offer_to_pool(request, classified, callers_texts)

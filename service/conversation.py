@@ -14,6 +14,10 @@ Why only user turns: assistant turns are the chatbot's own words. A chatbot that
 crisis resources would otherwise keep every later, harmless turn flagged as self-harm. Why the last turn
 first: the tokenizer keeps the first `max_seq_len` tokens, so a long context must lose its oldest words,
 never the turn being judged.
+
+The window is built from the turns' canonical forms (guardloop.core.canonical), the text the model reads;
+the turn itself is kept as sent, for the pool. A turn that cannot be encoded (a lone surrogate) is a 422
+naming it; earlier turns with nothing readable in them are left out of the window.
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ from fastapi import HTTPException, status
 from guardloop.models.onnx_model import Verdict
 from guardloop.service.schemas import Message
 
+from guardloop.core.canonical import canonical_text, text_problem
 from guardloop.core.labels import HARMFUL_BY_SEVERITY
 
 SEPARATOR = " [SEP] "  # the tokenizer's own separator token, so the model sees turn boundaries
@@ -31,9 +36,10 @@ SEPARATOR = " [SEP] "  # the tokenizer's own separator token, so the model sees 
 
 @dataclass(frozen=True)
 class ConversationTexts:
-    turn: str  # the last user turn
+    turn: str  # the last user turn, as sent
     turn_index: int  # its position in `messages`
-    window: str | None  # the turn with its context; None when there are no earlier user turns to add
+    # The turn's canonical form with its context (canonical forms too); None without earlier user turns to add.
+    window: str | None
 
 
 def _unprocessable(message: str) -> HTTPException:
@@ -47,15 +53,28 @@ def conversation_texts(messages: list[Message], *, context_turns: int, max_chars
     user_turns = [i for i, message in enumerate(messages) if message.role == "user"]
     if not user_turns:
         raise _unprocessable("'messages' has no user turn: the verdict is for the last message with role 'user'")
+    for i, message in enumerate(messages):
+        problem = text_problem(message.content)
+        if problem is not None:
+            raise _unprocessable(f"messages.{i}.content {problem}")
     last = user_turns[-1]
     turn = messages[last].content
     if len(turn) > max_chars:
         raise _unprocessable(
             f"messages.{last}.content has {len(turn)} characters, at most {max_chars} allowed; shorten it"
         )
-    earlier = [messages[i].content for i in reversed(user_turns[:-1])][:context_turns]  # newest first
-    parts = [turn]
-    room = max_chars - len(turn)
+    readable = canonical_text(turn)
+    if not readable.strip():
+        raise _unprocessable(f"messages.{last}.content is empty (it has only invisible characters): send some words")
+    earlier: list[str] = []  # newest first
+    for i in reversed(user_turns[:-1]):
+        if len(earlier) >= context_turns:
+            break
+        text = canonical_text(messages[i].content)
+        if text.strip():
+            earlier.append(text)
+    parts = [readable]
+    room = max_chars - len(readable)
     for text in earlier:
         room -= len(SEPARATOR)
         if room <= 0:

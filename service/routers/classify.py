@@ -44,13 +44,14 @@ async def classify(
         texts = [conversation.turn, conversation.window or ""] if with_window else [conversation.turn]
         classified = await classify_texts(request, texts, pooled=1)  # the window is not a user message
         verdict, by_context = pick_verdict(classified.verdicts[0], classified.verdicts[1] if with_window else None)
-        # Topic keywords are looked up in the text that was judged: with the context when it decided.
-        judged = texts[1] if by_context else texts[0]
+        # Topic keywords are looked up in the text that was judged (as the model read it): with the context when
+        # it decided.
+        judged = classified.canonical[1] if by_context else classified.canonical[0]
         result = _classification(verdict, judged, guidelines)
         results = [result.model_copy(update={"decided_by_context": by_context})]
     else:
         classified = await classify_texts(request, body.as_list())
         results = [
-            _classification(v, t, guidelines) for v, t in zip(classified.verdicts, classified.texts, strict=True)
+            _classification(v, t, guidelines) for v, t in zip(classified.verdicts, classified.canonical, strict=True)
         ]
     return ClassifyResponse(request_id=uuid.uuid4().hex, model_version=classified.model.version, results=results)

@@ -111,6 +111,8 @@ class OnnxClassifier:
         if "token_type_ids" in self._input_names:
             feeds["token_type_ids"] = np.array([e.type_ids for e in encodings], dtype=np.int64)
         (out,) = self.session.run(["logits"], feeds)
+        if out.shape[1:] != self._reorder.shape:  # a wider output would be cut to six columns without a word
+            raise ValueError(f"output of shape {out.shape}, expected (batch, {len(self._reorder)}): one per label")
         return out[:, self._reorder]
 
     def predict_proba(self, texts: list[str]) -> np.ndarray:

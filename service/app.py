@@ -16,6 +16,7 @@ from fastapi.responses import JSONResponse, Response
 from guardloop.models.registry import ModelRegistry
 from guardloop.service.auth import client_identity
 from guardloop.service.batcher import MicroBatcher
+from guardloop.service.docs import add_offline_docs
 from guardloop.service.errors import describe_validation_error, document_validation_errors_as_text, http_error_detail
 from guardloop.service.guideline_store import GuidelineStore, watch_guidelines
 from guardloop.service.limits import BodySizeLimit
@@ -95,7 +96,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         version=__version__,
         description="Safety classifier for chatbots: six labels with scores, from a model that keeps learning.",
         lifespan=lifespan,
+        docs_url=None,  # FastAPI's own pages load their scripts from a CDN; add_offline_docs serves local ones
+        redoc_url=None,
     )
+    add_offline_docs(app)
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)
     # Around the body-size limit: a flood is refused before its bodies are read or its tokens looked up.
     app.add_middleware(

@@ -42,14 +42,21 @@ def document_validation_errors_as_text(app: FastAPI) -> None:
     app.openapi = openapi  # type: ignore[method-assign]
 
 
-# FastAPI's wording when it cannot even decode a body (not UTF-8) says nothing about what to fix; ours does.
+# FastAPI's wording when it cannot decode a body at all says nothing about what to fix; ours does. FastAPI keeps
+# the reason as the exception's cause: bytes that are not UTF-8, or JSON nested deeper than Python's parser goes.
 _FASTAPI_UNREADABLE_BODY = "There was an error parsing the body"
 UNREADABLE_BODY = "the body is not valid UTF-8; send JSON encoded as UTF-8"
+NESTED_TOO_DEEPLY = "JSON nested too deeply; send the documented shape (a few levels of objects and arrays)"
+UNPARSABLE_BODY = "the body could not be parsed as JSON; send a JSON object encoded as UTF-8"
 
 
 def http_error_detail(exc: StarletteHTTPException) -> str:
     if exc.status_code == 400 and exc.detail == _FASTAPI_UNREADABLE_BODY:
-        return UNREADABLE_BODY
+        if isinstance(exc.__cause__, RecursionError):
+            return NESTED_TOO_DEEPLY
+        if isinstance(exc.__cause__, UnicodeDecodeError):
+            return UNREADABLE_BODY
+        return UNPARSABLE_BODY
     return str(exc.detail)
 
 

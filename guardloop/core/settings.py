@@ -16,6 +16,7 @@ from pydantic_settings import (
 
 from guardloop.core.labels import SAFE_LABEL, parse_label
 from guardloop.core.rates import Rate
+from guardloop.core.settings_errors import read_config_file
 
 
 class Settings(BaseSettings):
@@ -156,6 +157,21 @@ class Settings(BaseSettings):
     cycle_min_labels: int = Field(1, ge=1, description="fewest new labels worth retraining for")
     cycle_interval_minutes: float | None = Field(60.0, gt=0, description="run the cycle every N minutes")
     cycle_cron: str | None = Field(None, description="crontab schedule instead of the interval, e.g. '0 3 * * *'")
+
+    @field_validator("cycle_cron")
+    @classmethod
+    def _check_cron(cls, value: str | None) -> str | None:
+        # Checked here, not when the trainer schedules its first cycle: a typo stops every command at once.
+        if value is None or not value.strip():
+            return None
+        from apscheduler.triggers.cron import CronTrigger
+
+        try:
+            CronTrigger.from_crontab(value, timezone="UTC")
+        except ValueError as exc:
+            raise ValueError(f"{value!r} is not a crontab line ({exc}); write 5 fields, e.g. '0 3 * * *'") from None
+        return value.strip()
+
     cycle_epochs: int = Field(10, ge=1, le=100)
     cycle_oracle_file: Path | None = Field(None, description="labeled file that answers label requests (simulation)")
     train_data: list[Path] = Field(default_factory=list, description="labeled files always trained on (default: seed)")
@@ -177,8 +193,7 @@ class Settings(BaseSettings):
         sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings]
         yaml_path = os.environ.get("GUARDLOOP_CONFIG")
         if yaml_path:
-            if not Path(yaml_path).is_file():
-                raise ValueError(f"GUARDLOOP_CONFIG={yaml_path}: no such file")
+            read_config_file(yaml_path)  # a missing, unreadable or broken file is one clear ConfigFileError
             sources.append(YamlConfigSettingsSource(settings_cls, yaml_file=yaml_path))
         return tuple(sources)
 

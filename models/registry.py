@@ -25,6 +25,7 @@ from typing import Any, Literal
 
 import pydantic
 from filelock import FileLock, Timeout
+from guardloop.models.onnx_model import OnnxClassifier
 from pydantic import Field, field_validator, model_validator
 
 from guardloop.core.labels import LABELS
@@ -377,3 +378,26 @@ class ModelRegistry:
         finally:
             self._lock.release()
         return removed
+
+
+def open_classifier(
+    registry: ModelRegistry,
+    version: str,
+    *,
+    threads: int = 2,
+    max_seq_len: int = 128,
+    threshold_overrides: dict[str, float] | None = None,
+    tokenizer_from: OnnxClassifier | None = None,
+) -> OnnxClassifier:
+    """The one way to open a published version as a classifier: its ONNX model with its card's thresholds
+    (`threshold_overrides`, e.g. GUARDLOOP_THRESHOLDS, win). The service, the cycle, eval, calibrate and the
+    variations' consistency filter all score through this, so they score a version the same way."""
+    card = registry.card(version)
+    return OnnxClassifier(
+        registry.path(version),
+        version=version,
+        thresholds=card.thresholds | (threshold_overrides or {}),
+        threads=threads,
+        max_seq_len=max_seq_len,
+        tokenizer_from=tokenizer_from,
+    )

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
 from guardloop.models.onnx_model import ModelLoadError, OnnxClassifier
-from guardloop.models.registry import ModelCard, ModelRegistry, RegistryError
+from guardloop.models.registry import ModelCard, ModelRegistry, RegistryError, open_classifier
 from guardloop.service.memory import return_freed_memory
 
 from guardloop.core import telemetry
@@ -84,12 +84,12 @@ class ModelHolder:
 
     def _build(self, version: str) -> tuple[ModelCard, OnnxClassifier]:
         card = self.registry.card(version)
-        classifier = OnnxClassifier(
-            self.registry.path(version),
-            version=version,
-            thresholds=card.thresholds | self.threshold_overrides,
+        classifier = open_classifier(
+            self.registry,
+            version,
             threads=self.threads,
             max_seq_len=self.max_seq_len,
+            threshold_overrides=self.threshold_overrides,
             tokenizer_from=self._current.classifier if self._current else None,
         )
         if list(card.labels) != classifier.model_labels:

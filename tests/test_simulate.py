@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 
 import pytest
-from guardloop.trainer.simulate import IterationResult, append_result_line, read_result_lines, summarize
+from guardloop.trainer.simulation_results import IterationResult, append_result_line, read_result_lines, summarize
 
 from guardloop.core.datafiles import load_examples
 from guardloop.core.labels import LABELS

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from guardloop.trainer.simulate import class_count_std, stratified_split
+from guardloop.trainer.simulate import stratified_split
+from guardloop.trainer.simulation_results import class_count_std
 from guardloop.trainer.strategies import STRATEGIES, entropy, make_strategy
 
 CENTERS = np.array([[10.0, 0, 0], [0, 10.0, 0], [0, 0, 10.0], [10.0, 10.0, 10.0]])

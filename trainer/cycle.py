@@ -25,8 +25,8 @@ from typing import Any
 import numpy as np
 from filelock import FileLock, Timeout
 from guardloop.models.onnx_model import OnnxClassifier
-from guardloop.models.registry import ModelRegistry
-from guardloop.trainer.metrics import classification_report
+from guardloop.models.registry import ModelRegistry, open_classifier
+from guardloop.trainer.evaluation import evaluate
 from guardloop.trainer.simulate import stratified_split
 from guardloop.trainer.strategies import make_strategy
 from sqlalchemy import text
@@ -134,11 +134,6 @@ def gate(
     )
 
 
-def evaluate(classifier: OnnxClassifier, examples: Sequence[Example]) -> dict[str, Any]:
-    probs = classifier.predict_many([ex.text for ex in examples], batch_size=1)  # as served: see `guardloop eval`
-    return classification_report([ex.label for ex in examples], [LABELS[i] for i in probs.argmax(axis=1)])
-
-
 # --------------------------------------------------------------------------------------------- the runner
 @dataclass
 class CycleRunner:
@@ -228,8 +223,7 @@ class CycleRunner:
         version = self.registry.current()
         if version is None:
             return None
-        card = self.registry.card(version)
-        return OnnxClassifier(self.registry.path(version), version=version, thresholds=card.thresholds, threads=2)
+        return open_classifier(self.registry, version, max_seq_len=self.settings.max_seq_len)
 
     # ------------------------------------------------------------------------------------- select
     def _select(self, cycle: CycleView, now: datetime) -> CycleView:
@@ -358,7 +352,10 @@ class CycleRunner:
                 detail["dev_macro_f1"] = (card.metrics.get("dev") or {}).get("macro_f1")
                 detail["onnx_agreement"] = card.metrics["onnx_check"]["agreement"]
             with self._step(cycle, "evaluate") as detail:
-                candidate_report = evaluate(OnnxClassifier(staging, version="candidate", threads=2), eval_set)
+                candidate_report = evaluate(
+                    OnnxClassifier(staging, version="candidate", threads=2, max_seq_len=self.settings.max_seq_len),
+                    eval_set,
+                )
                 current_report = evaluate(current, eval_set) if current else None
                 detail["candidate_macro_f1"] = candidate_report["macro_f1"]
                 detail["current_macro_f1"] = current_report["macro_f1"] if current_report else None

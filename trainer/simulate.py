@@ -8,35 +8,39 @@ measure macro-F1 on a held-out eval set and how balanced the acquired classes ar
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
 import time
 from collections import Counter
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 from guardloop.trainer.base_models import minilm_dir
 from guardloop.trainer.embeddings import SentenceEmbedder
+from guardloop.trainer.evaluation import report_from_probs
 from guardloop.trainer.finetune import FineTuneConfig, TrainingExample, fine_tune, predict_proba
-from guardloop.trainer.metrics import classification_report
+from guardloop.trainer.simulation_results import (
+    IterationResult,
+    SimulationResult,
+    append_result_line,
+    class_count_std,
+)
 from guardloop.trainer.strategies import make_strategy
+from guardloop.trainer.variations import VariationGenerator, consistency_filter
 
 from guardloop.core.datafiles import Example
 from guardloop.core.labels import LABELS
+from guardloop.core.settings import Settings
 
 log = logging.getLogger(__name__)
 
 # (labeled items, the current model's predict_proba) -> accepted variations per item
 VariationMaker = Callable[[Sequence[tuple[str, str]], Callable[[list[str]], np.ndarray]], list[list[str]]]
-
-
-def class_count_std(counts: dict[str, int]) -> float:
-    """Population standard deviation of per-class counts over all six labels (the paper's balance measure)."""
-    return float(np.std([counts.get(label, 0) for label in LABELS]))
 
 
 def stratified_split(examples: Sequence[Example], fraction: float, seed: int) -> tuple[list[Example], list[Example]]:
@@ -51,90 +55,6 @@ def stratified_split(examples: Sequence[Example], fraction: float, seed: int) ->
         held += [members[i] for i in order[:cut]]
         kept += [members[i] for i in order[cut:]]
     return kept, held
-
-
-@dataclass
-class IterationResult:
-    iteration: int
-    acquired: dict[str, int]  # human (oracle) labels acquired so far, by class
-    acquired_with_variations: dict[str, int]  # plus accepted variations, by class
-    std_labels: float
-    std_with_variations: float
-    variations_accepted: int
-    train_size: int
-    eval_macro_f1: float
-    eval_per_class_f1: dict[str, float]
-    seconds: float
-
-
-@dataclass
-class SimulationResult:
-    strategy: str
-    seed: int
-    baseline_macro_f1: float
-    iterations: list[IterationResult] = field(default_factory=list)
-
-    def as_dict(self) -> dict[str, Any]:
-        return {
-            "strategy": self.strategy,
-            "seed": self.seed,
-            "baseline_macro_f1": self.baseline_macro_f1,
-            "iterations": [it.__dict__ for it in self.iterations],
-        }
-
-
-def append_result_line(path: Path, strategy: str, seed: int, baseline: float, iteration: IterationResult) -> None:
-    """One JSON line per finished iteration, flushed at once: a run stopped part-way keeps what it measured."""
-    line = {"strategy": strategy, "seed": seed, "baseline_macro_f1": baseline, **iteration.__dict__}
-    with path.open("a", encoding="utf-8") as out:
-        out.write(json.dumps(line) + "\n")
-
-
-RESULT_KEYS = ("strategy", "seed", "iteration", "baseline_macro_f1", "eval_macro_f1", "std_labels", "acquired")
-
-
-def read_result_lines(path: Path) -> list[dict[str, Any]]:
-    """Lines written by `append_result_line`; ValueError naming the line when one is not."""
-    lines = []
-    for number, text in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
-        if not text.strip():
-            continue
-        line = json.loads(text)
-        missing = [key for key in RESULT_KEYS if not isinstance(line, dict) or key not in line]
-        if missing:
-            raise ValueError(f"line {number} has no {missing[0]!r}")
-        lines.append(line)
-    return lines
-
-
-def summarize(lines: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Per strategy and iteration: mean and spread over seeds of label std, std with variations, and eval macro-F1.
-
-    Only the iterations every seed of that strategy reached are averaged, so a stopped run never mixes depths.
-    """
-    by_run: dict[tuple[str, int], dict[int, dict[str, Any]]] = {}
-    for line in lines:
-        by_run.setdefault((line["strategy"], line["seed"]), {})[line["iteration"]] = line
-    rows = []
-    for strategy in dict.fromkeys(name for name, _ in by_run):
-        runs = [iters for (name, _), iters in by_run.items() if name == strategy]
-        for iteration in sorted(set.intersection(*(set(r) for r in runs))):
-            at = [r[iteration] for r in runs]
-            f1 = np.array([x["eval_macro_f1"] for x in at])
-            rows.append(
-                {
-                    "strategy": strategy,
-                    "iteration": iteration,
-                    "seeds": sorted(x["seed"] for x in at),
-                    "std_labels": float(np.mean([x["std_labels"] for x in at])),
-                    "std_with_variations": float(np.mean([x["std_with_variations"] for x in at])),
-                    "baseline_macro_f1": float(np.mean([x["baseline_macro_f1"] for x in at])),
-                    "eval_macro_f1": float(f1.mean()),
-                    "eval_macro_f1_sd": float(f1.std(ddof=1)) if len(f1) > 1 else 0.0,
-                    "acquired": {label: float(np.mean([x["acquired"][label] for x in at])) for label in LABELS},
-                }
-            )
-    return rows
 
 
 @dataclass
@@ -163,8 +83,9 @@ class Simulation:
 
     def _evaluate(self, result: Any) -> dict[str, Any]:
         texts = [ex.text for ex in self.eval_data]
-        probs = predict_proba(result.model, result.tokenizer, texts, self.config.max_seq_len)
-        return classification_report([ex.label for ex in self.eval_data], [LABELS[i] for i in probs.argmax(axis=1)])
+        return report_from_probs(
+            self.eval_data, predict_proba(result.model, result.tokenizer, texts, self.config.max_seq_len)
+        )
 
     def run(self, on_iteration: Callable[[SimulationResult, IterationResult], None] | None = None) -> SimulationResult:
         seed = self.config.seed
@@ -238,8 +159,6 @@ def llm_variation_maker(generator: Any, cache_file: Path | None = None) -> Varia
     that pick the same item reuse them (the LLM is the slow part here); the consistency filter is applied
     afterwards with the model of the current iteration, exactly as in a live cycle.
     """
-    from guardloop.trainer.variations import consistency_filter
-
     cache: dict[str, list[str]] = {}
     if cache_file is not None and cache_file.is_file():
         for line in cache_file.read_text(encoding="utf-8").splitlines():
@@ -269,3 +188,65 @@ def llm_variation_maker(generator: Any, cache_file: Path | None = None) -> Varia
         ]
 
     return make
+
+
+@dataclass(frozen=True)
+class SimulationPlan:
+    """What `guardloop simulate` asks for: the data, and every (seed, strategy) run to make on it."""
+
+    pool: Sequence[Example]
+    seed_data: Sequence[Example]
+    dev: Sequence[Example]
+    eval_data: Sequence[Example] | None  # None: hold out `eval_fraction` of the pool, per seed
+    eval_fraction: float
+    strategies: Sequence[str]
+    seeds: Sequence[int]
+    iterations: int
+    per_iteration: int
+    variations: int  # LLM variations per labeled item; 0: none
+    clusters: int | None
+    epochs: int
+    results_file: Path | None = None  # one JSON line per finished iteration (see simulation_results)
+
+
+def run_simulations(
+    plan: SimulationPlan,
+    settings: Settings,
+    on_iteration: Callable[[str, int, IterationResult], None] | None = None,
+) -> list[SimulationResult]:
+    """Every (seed, strategy) run of `plan`, one LLM for all of them; each finished iteration is appended to
+    `plan.results_file` and reported to `on_iteration(strategy, seed, iteration)` as it ends."""
+    settings = settings.model_copy(update={"llm_variations": max(plan.variations, 1)})
+    cache_dir = settings.data_dir / "cache"
+    results = []
+    llm = VariationGenerator.from_settings(settings) if plan.variations else contextlib.nullcontext()
+    with llm as generator:
+        for seed in plan.seeds:
+            pool, held_out = (
+                (plan.pool, plan.eval_data) if plan.eval_data else stratified_split(plan.pool, plan.eval_fraction, seed)
+            )
+            for name in plan.strategies:
+                sim = Simulation(
+                    pool=pool,
+                    seed_data=plan.seed_data,
+                    dev=plan.dev,
+                    eval_data=held_out,
+                    strategy=name,
+                    iterations=plan.iterations,
+                    per_iteration=plan.per_iteration,
+                    make_variations=(
+                        llm_variation_maker(generator, cache_dir / "simulation-variations.jsonl") if generator else None
+                    ),
+                    cache_dir=cache_dir,
+                    config=FineTuneConfig(seed=seed, epochs=plan.epochs, patience=2, group_by_length=True),
+                    n_clusters=plan.clusters,
+                )
+
+                def finished(run: SimulationResult, it: IterationResult, _name: str = name, _seed: int = seed) -> None:
+                    if plan.results_file is not None:
+                        append_result_line(plan.results_file, _name, _seed, run.baseline_macro_f1, it)
+                    if on_iteration is not None:
+                        on_iteration(_name, _seed, it)
+
+                results.append(sim.run(on_iteration=finished))
+    return results

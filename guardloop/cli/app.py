@@ -1,0 +1,94 @@
+"""The Typer application every command module registers on, and what commands share: the one-line error
+handling (a user's or operator's mistake is `error: ...` on stderr and exit 2, never a traceback), settings,
+logging, and the few argument helpers several command groups use."""
+
+from __future__ import annotations
+
+import logging
+import sys
+from collections.abc import Callable, Iterable
+from functools import wraps
+from typing import Any, TypeVar
+
+import typer
+from pydantic import ValidationError
+
+from guardloop.core.datafiles import BadRow, DataFileError
+from guardloop.core.errors import UserError
+from guardloop.core.settings import Settings
+from guardloop.models.onnx_model import ModelLoadError
+from guardloop.models.registry import ModelRegistry, RegistryError
+from guardloop.storage import Database, ReviewError, StorageError
+from guardloop.trainer.base_models import BaseModelMissing
+
+app = typer.Typer(
+    help="guardloop: a safety classifier that keeps learning from the traffic it guards.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+)
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+# Exceptions that carry a message for the person at the keyboard: bad files, settings, versions, databases.
+USER_ERRORS: tuple[type[BaseException], ...] = (
+    UserError,
+    DataFileError,
+    RegistryError,
+    ModelLoadError,
+    ValidationError,
+    BaseModelMissing,
+    StorageError,
+    ReviewError,
+)
+
+
+def friendly_errors(func: F) -> F:
+    """Turn a user error raised by the command into one `error: ...` line and exit code 2."""
+
+    @wraps(func)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return func(*args, **kwargs)
+        except USER_ERRORS as exc:
+            message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            if isinstance(exc, ValidationError):
+                message = "invalid setting: " + " ".join(str(exc).split())
+            typer.echo(f"error: {message}", err=True)
+            raise typer.Exit(2) from None
+
+    return wrapper  # type: ignore[return-value]
+
+
+def load_settings() -> Settings:
+    return Settings()
+
+
+def setup_logging(verbose: bool = False) -> None:
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+
+
+def parse_column(value: str | None) -> str | int | None:
+    """A --text-column/--label-column value: a 0-based index when it is all digits, else a header name."""
+    return None if value is None else int(value) if value.isdigit() else value
+
+
+def report_bad_rows(bad_rows: Iterable[BadRow]) -> None:
+    """One stderr line per row that --skip-bad-rows skipped."""
+    for bad in bad_rows:
+        typer.echo(f"skipped {bad.path}:{bad.line}: {bad.reason}", err=True)
+
+
+def open_registry() -> ModelRegistry:
+    """The configured model registry (GUARDLOOP_REGISTRY_DIR)."""
+    return ModelRegistry(load_settings().registry_dir)
+
+
+def open_database() -> Database:
+    """The configured database (GUARDLOOP_DATABASE_URL, else <data_dir>/guardloop.db), migrated."""
+    database = Database(load_settings().database_url_value)
+    database.ensure_schema()
+    return database

@@ -1,0 +1,88 @@
+"""`guardloop bench ...`: benchmarks that print numbers (classify latency, soak with hot-swaps, pool logging cost)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from guardloop.bench.classify import run_classify_bench
+from guardloop.bench.pool import run_pool_bench
+from guardloop.bench.soak import run_soak_bench
+from guardloop.cli.app import app, friendly_errors, load_settings
+
+bench_app = typer.Typer(help="Benchmarks that print numbers.", no_args_is_help=True)
+app.add_typer(bench_app, name="bench")
+
+
+@bench_app.command("classify")
+@friendly_errors
+def bench_classify(
+    url: Annotated[str, typer.Option(help="base URL of a running service")] = "http://127.0.0.1:8000",
+    requests: Annotated[int, typer.Option(min=10, help="requests per measurement")] = 1000,
+    concurrency: Annotated[int, typer.Option(min=1)] = 32,
+    reference: Annotated[bool, typer.Option(help="also time the in-process transformers pipeline")] = True,
+    api_key: Annotated[str | None, typer.Option(envvar="GUARDLOOP_BENCH_API_KEY")] = None,
+) -> None:
+    """HTTP latency (concurrency 1) and throughput (concurrency N) beside a transformers pipeline on torch."""
+    run_classify_bench(url, requests=requests, concurrency=concurrency, reference=reference, api_key=api_key)
+
+
+@bench_app.command("soak")
+@friendly_errors
+def bench_soak(
+    seconds: Annotated[float, typer.Option(min=5, help="length of the phase with hot-swaps")] = 60,
+    baseline_seconds: Annotated[float, typer.Option(min=5, help="length of the no-swap phase before it")] = 60,
+    rate: Annotated[float, typer.Option(min=1, help="/classify requests per second (open loop)")] = 50,
+    swap_every: Annotated[float, typer.Option(min=0.5, help="seconds between two hot-swaps")] = 5,
+    interval: Annotated[float, typer.Option(min=1, help="seconds per printed row")] = 5,
+    memory_bound_mb: Annotated[float, typer.Option(help="largest memory growth after warm-up that passes")] = 50,
+    registry_dir: Annotated[Path | None, typer.Option(help="whose current model to run (default: settings)")] = None,
+) -> None:
+    """Steady load from a second process while models are hot-swapped and a reviewer labels: requests, errors,
+    p50/p99 and memory over time, a no-swap baseline first. Exit 1 when a target is missed."""
+    settings = load_settings()
+    met = run_soak_bench(
+        settings=settings,
+        registry_dir=registry_dir or settings.registry_dir,
+        seconds=seconds,
+        baseline_seconds=baseline_seconds,
+        rate=rate,
+        swap_every=swap_every,
+        interval=interval,
+        memory_bound_mb=memory_bound_mb,
+    )
+    if not met:
+        raise typer.Exit(1)
+
+
+@bench_app.command("pool")
+@friendly_errors
+def bench_pool(
+    calls: Annotated[int, typer.Option(min=10, help="timed /classify calls per service (pool on, pool off)")] = 10_000,
+    database_url: Annotated[
+        str | None, typer.Option(help="an empty PostgreSQL database (default: a fresh SQLite file in a temp dir)")
+    ] = None,
+    registry_dir: Annotated[Path | None, typer.Option(help="model registry (default: settings)")] = None,
+    distinct_share: Annotated[float, typer.Option(min=0.01, max=1.0, help="share of calls with a new text")] = 0.6,
+    seed: Annotated[int, typer.Option(help="seed of the text mix")] = 13,
+    uncertainty_threshold: Annotated[
+        float | None, typer.Option(min=0, max=1, help="pool above this normalized entropy (default: settings)")
+    ] = None,
+    sample_rate: Annotated[
+        float | None, typer.Option(min=0, max=1, help="share of confident calls pooled (default: settings)")
+    ] = None,
+) -> None:
+    """/classify p50/p99 with pool logging on vs off (two services, calls interleaved), then the pool's contents."""
+    settings = load_settings()
+    overrides = {"pool_uncertainty_threshold": uncertainty_threshold, "pool_sample_rate": sample_rate}
+    settings = settings.model_copy(update={k: v for k, v in overrides.items() if v is not None})
+    run_pool_bench(
+        calls=calls,
+        database_url=database_url,
+        registry_dir=registry_dir or settings.registry_dir,
+        distinct_share=distinct_share,
+        seed=seed,
+        settings=settings,
+    )

@@ -1,0 +1,100 @@
+"""`guardloop variations`: ask the LLM for label-preserving rewrites of labeled rows, and show what it kept."""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Callable
+from pathlib import Path
+from typing import Annotated
+
+import numpy as np
+import typer
+
+from guardloop.cli.app import app, friendly_errors, load_settings, parse_column, report_bad_rows, setup_logging
+from guardloop.core.datafiles import load_examples
+from guardloop.core.errors import UserError
+from guardloop.core.settings import Settings
+from guardloop.models.registry import ModelRegistry, open_classifier
+from guardloop.trainer.llm_server import LLMServerError
+from guardloop.trainer.variations import VariationGenerator
+
+
+@app.command()
+@friendly_errors
+def variations(
+    data: Annotated[Path, typer.Option("--data", help="labeled TSV/CSV/JSONL file")],
+    k: Annotated[
+        int | None, typer.Option("-k", "--k", min=1, max=20, help="variations per row (default: settings)")
+    ] = None,
+    limit: Annotated[int, typer.Option(min=1, help="only the first N rows (each takes seconds)")] = 10,
+    consistency: Annotated[
+        bool, typer.Option(help="drop variations the current model confidently puts in another class")
+    ] = True,
+    as_json: Annotated[bool, typer.Option("--json", help="one JSON object on stdout")] = False,
+    text_column: Annotated[str | None, typer.Option()] = None,
+    label_column: Annotated[str | None, typer.Option()] = None,
+    skip_bad_rows: Annotated[bool, typer.Option()] = False,
+) -> None:
+    """Ask the LLM (GUARDLOOP_LLM_*, default: the embedded SmolLM2) for label-preserving variations of labeled rows."""
+    setup_logging()
+    for noisy in ("httpx", "httpx2"):  # one line per HTTP request drowns the per-row lines
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    settings = load_settings()
+    if k is not None:
+        settings = settings.model_copy(update={"llm_variations": k})
+    loaded = load_examples(
+        [data],
+        text_column=parse_column(text_column),
+        label_column=parse_column(label_column),
+        skip_bad_rows=skip_bad_rows,
+    )
+    report_bad_rows(loaded.bad_rows)
+    rows = [(ex.text, ex.label or "") for ex in loaded.examples[:limit]]
+    if not rows:
+        raise UserError(f"{data}: no labeled rows")
+    predict_proba, model_version = None, None
+    if consistency:
+        predict_proba, model_version = _current_model_predict_proba(settings)
+        if predict_proba is None:
+            typer.echo("no current model in the registry: consistency filter off", err=True)
+    try:
+        with VariationGenerator.from_settings(settings, predict_proba=predict_proba) as generator:
+            batch = generator.generate_many(rows)
+            endpoint, llm_model = generator.endpoint, generator.model
+    except LLMServerError as exc:
+        raise UserError(str(exc).splitlines()[0]) from exc
+    stats = batch.stats
+    if as_json:
+        summary = {"endpoint": endpoint, "model": llm_model, "consistency_model": model_version}
+        items = [result.as_dict() for result in batch.results]
+        typer.echo(json.dumps(summary | {"items": items, "stats": stats.as_dict()}))
+    else:
+        for result in batch.results:
+            typer.echo(f"[{result.label}] {result.text}")
+            for variation in result.accepted:
+                typer.echo(f"  + {variation}")
+            if result.filtered:
+                typer.echo("  filtered: " + ", ".join(f"{why} {n}" for why, n in sorted(result.filtered.items())))
+            if result.failed:
+                typer.echo(f"  FAILED after {result.attempts} attempt(s): {result.error}: {result.error_detail}")
+        seconds_per_row = stats.request_seconds / max(1, stats.requests)
+        typer.echo(
+            f"{stats.accepted} accepted, {stats.filtered_total} filtered, {stats.items_failed} of {stats.items} rows "
+            f"failed; {stats.requests} requests ({stats.retries} retries), {seconds_per_row:.1f}s per request, "
+            f"{stats.completion_tokens / max(stats.request_seconds, 1e-9):.0f} tokens/s from {llm_model} at {endpoint}"
+        )
+    if stats.items_failed == stats.items:
+        first = batch.results[0]
+        raise UserError(f"the LLM at {endpoint} failed on every row; first: {first.error}: {first.error_detail}")
+
+
+def _current_model_predict_proba(
+    settings: Settings,
+) -> tuple[Callable[[list[str]], np.ndarray] | None, str | None]:
+    """The registry's current model as predict_proba (texts -> (n, 6)), or (None, None) with no current model."""
+    registry = ModelRegistry(settings.registry_dir)
+    version = registry.current()
+    if version is None:
+        return None, None
+    return open_classifier(registry, version, threads=1, max_seq_len=settings.max_seq_len).predict_proba, version

@@ -1,0 +1,131 @@
+"""What a simulation measures, and its report: per-iteration records, the `--results` JSON-lines file that
+keeps them as they finish, the mean over seeds, and the table `simulate` and `simulate-report` print.
+
+Kept apart from `simulate.py` (and free of torch) so that reading and summarizing results needs no training stack.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from guardloop.core.labels import LABELS
+
+
+def class_count_std(counts: dict[str, int]) -> float:
+    """Population standard deviation of per-class counts over all six labels (the paper's balance measure)."""
+    return float(np.std([counts.get(label, 0) for label in LABELS]))
+
+
+@dataclass
+class IterationResult:
+    iteration: int
+    acquired: dict[str, int]  # human (oracle) labels acquired so far, by class
+    acquired_with_variations: dict[str, int]  # plus accepted variations, by class
+    std_labels: float
+    std_with_variations: float
+    variations_accepted: int
+    train_size: int
+    eval_macro_f1: float
+    eval_per_class_f1: dict[str, float]
+    seconds: float
+
+
+@dataclass
+class SimulationResult:
+    strategy: str
+    seed: int
+    baseline_macro_f1: float
+    iterations: list[IterationResult] = field(default_factory=list)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "strategy": self.strategy,
+            "seed": self.seed,
+            "baseline_macro_f1": self.baseline_macro_f1,
+            "iterations": [it.__dict__ for it in self.iterations],
+        }
+
+
+def append_result_line(path: Path, strategy: str, seed: int, baseline: float, iteration: IterationResult) -> None:
+    """One JSON line per finished iteration, flushed at once: a run stopped part-way keeps what it measured."""
+    line = {"strategy": strategy, "seed": seed, "baseline_macro_f1": baseline, **iteration.__dict__}
+    with path.open("a", encoding="utf-8") as out:
+        out.write(json.dumps(line) + "\n")
+
+
+RESULT_KEYS = ("strategy", "seed", "iteration", "baseline_macro_f1", "eval_macro_f1", "std_labels", "acquired")
+
+
+def read_result_lines(path: Path) -> list[dict[str, Any]]:
+    """Lines written by `append_result_line`; ValueError naming the line when one is not."""
+    lines = []
+    for number, text in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+        if not text.strip():
+            continue
+        line = json.loads(text)
+        missing = [key for key in RESULT_KEYS if not isinstance(line, dict) or key not in line]
+        if missing:
+            raise ValueError(f"line {number} has no {missing[0]!r}")
+        lines.append(line)
+    return lines
+
+
+def summarize(lines: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Per strategy and iteration: mean and spread over seeds of label std, std with variations, and eval macro-F1.
+
+    Only the iterations every seed of that strategy reached are averaged, so a stopped run never mixes depths.
+    """
+    by_run: dict[tuple[str, int], dict[int, dict[str, Any]]] = {}
+    for line in lines:
+        by_run.setdefault((line["strategy"], line["seed"]), {})[line["iteration"]] = line
+    rows = []
+    for strategy in dict.fromkeys(name for name, _ in by_run):
+        runs = [iters for (name, _), iters in by_run.items() if name == strategy]
+        for iteration in sorted(set.intersection(*(set(r) for r in runs))):
+            at = [r[iteration] for r in runs]
+            f1 = np.array([x["eval_macro_f1"] for x in at])
+            rows.append(
+                {
+                    "strategy": strategy,
+                    "iteration": iteration,
+                    "seeds": sorted(x["seed"] for x in at),
+                    "std_labels": float(np.mean([x["std_labels"] for x in at])),
+                    "std_with_variations": float(np.mean([x["std_with_variations"] for x in at])),
+                    "baseline_macro_f1": float(np.mean([x["baseline_macro_f1"] for x in at])),
+                    "eval_macro_f1": float(f1.mean()),
+                    "eval_macro_f1_sd": float(f1.std(ddof=1)) if len(f1) > 1 else 0.0,
+                    "acquired": {label: float(np.mean([x["acquired"][label] for x in at])) for label in LABELS},
+                }
+            )
+    return rows
+
+
+def summary_table(rows: Sequence[dict[str, Any]]) -> list[str]:
+    """The lines of the table `simulate` and `simulate-report` print: one row per strategy and iteration."""
+    labels = " ".join(f"{label[:5]:>6}" for label in LABELS)
+    lines = [f"{'strategy':<9}{'it':>3}{'seeds':>7}  {labels}{'std':>7}{'std+var':>8}{'base F1':>9}{'F1':>8}{'±':>6}"]
+    for row in rows:
+        counts = " ".join(f"{row['acquired'][label]:>6.1f}" for label in LABELS)
+        lines.append(
+            f"{row['strategy']:<9}{row['iteration']:>3}{len(row['seeds']):>7}  {counts}{row['std_labels']:>7.1f}"
+            f"{row['std_with_variations']:>8.1f}{100 * row['baseline_macro_f1']:>9.1f}"
+            f"{100 * row['eval_macro_f1']:>8.1f}{100 * row['eval_macro_f1_sd']:>6.1f}"
+        )
+    return lines
+
+
+def iteration_line(strategy: str, seed: int, it: IterationResult) -> str:
+    """The progress line `simulate` prints when an iteration finishes."""
+    return (
+        f"{strategy:<8} seed {seed:<4} it {it.iteration}: labels "
+        + " ".join(f"{n}" for n in it.acquired.values())
+        + f" (std {it.std_labels:.1f}; with variations std {it.std_with_variations:.1f}, "
+        f"{it.variations_accepted} new variations)  eval macro-F1 {it.eval_macro_f1:.4f}  "
+        f"{it.seconds:.0f}s"
+    )

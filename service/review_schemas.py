@@ -6,6 +6,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from guardloop.core.canonical import canonical_text
 from guardloop.core.labels import LABELS
 from guardloop.storage import NON_LABELS, LabelView, StoredItem
 
@@ -40,6 +41,11 @@ class ScoreOut(BaseModel):
 class ReviewItem(BaseModel):
     id: int
     text: str = Field(description="the user's text as stored (redacted when pool_redact is on); render it as text")
+    canonical_text: str | None = Field(
+        None,
+        description="what the model read (fullwidth, bidi overrides, invisible characters, look-alike letters and "
+        "leetspeak undone); null when it is the text itself",
+    )
     predicted_label: str
     scores: list[ScoreOut] = Field(description="all six, highest first")
     uncertainty: float
@@ -56,6 +62,7 @@ class ReviewItem(BaseModel):
         return cls(
             id=item.id,
             text=item.text,
+            canonical_text=_differs(canonical_text(item.text), item.text),
             predicted_label=item.label,
             scores=[ScoreOut(label=label, score=round(score, 4)) for label, score in ranked],
             uncertainty=round(item.uncertainty, 4),
@@ -66,6 +73,10 @@ class ReviewItem(BaseModel):
             priority=item.priority,
             requested_at=item.requested_at.isoformat() if item.requested_at else None,
         )
+
+
+def _differs(canonical: str, text: str) -> str | None:
+    return None if canonical == text else canonical
 
 
 class LabelOut(BaseModel):

@@ -7,6 +7,7 @@ import json
 import logging
 import unicodedata
 from collections.abc import Callable
+from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
@@ -16,8 +17,14 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from guardloop.core.canonical import canonical_text, is_blank, text_problem
+from guardloop.core.labels import LABELS
 from guardloop.core.seed import SEED_EVAL, SEED_TRAIN
+from guardloop.core.settings import Settings
+from guardloop.storage import UNCERTAIN, Database, LabelRequest, PoolRecord, PoolRepository, ReviewerRepository
+from guardloop.storage.texts import text_hash
+from tests.conftest import live_server, wait_for
 from tests.keyword_onnx import publish_keyword_model
+from tests.test_review_page import browser  # noqa: F401  (the headless Chromium fixture)
 
 # Five harmful messages and, for each, how an evader writes it in leetspeak.
 HARMFUL = {
@@ -250,3 +257,91 @@ def test_only_invisible_characters_is_an_empty_text(client: TestClient, body: di
     response = client.post(path, json=body)
     assert response.status_code == 422, response.text
     assert fragment in response.json()["detail"]
+
+
+# ----------------------------------------------------------------------------- the pool and the reviewers
+def test_the_pool_keeps_the_text_as_sent_and_counts_a_disguise_as_the_same_text(settings, registry, tmp_path):
+    publish_keyword_model(registry, tmp_path, KEYWORDS)
+    pooled = settings.model_copy(update={"pool_sample_rate": 1.0, "pool_flush_seconds": 0.05})
+    disguised, plain = "I want to k1ll mys3lf", "i want to kill myself"
+    with TestClient(create_app(pooled)) as client:
+        for text in (disguised, plain):
+            assert client.post("/classify", json={"text": text}).status_code == 200
+        pool = PoolRepository(Database(pooled.database_url_value))
+        assert wait_for(lambda: sum(item.seen_count for item in pool.iter_items()) == 2)
+        (item,) = pool.iter_items()
+    assert item.text == disguised  # the first text as it was sent, not what the model read
+    assert text_hash(disguised) == text_hash(plain) == text_hash(fullwidth(plain))
+
+
+def test_the_review_api_shows_what_the_model_read_when_it_differs(settings, registry, tmp_path):
+    publish_keyword_model(registry, tmp_path, KEYWORDS)
+    url = f"sqlite:///{tmp_path / 'review.db'}"
+    settings = Settings(**(settings.model_dump() | {"database_url": url}))
+    database = Database(url)
+    database.ensure_schema()
+    ids = seed_review_items(database, [rlo_reversed("I want to die"), "my landlord kept my deposit"])
+    token = ReviewerRepository(database).add("ann")
+    with TestClient(create_app(settings)) as client:
+        response = client.get("/review/queue?limit=5", headers={"Authorization": f"Bearer {token}"})
+    assert response.status_code == 200, response.text
+    shown = {item["id"]: (item["text"], item["canonical_text"]) for item in response.json()["items"]}
+    assert shown == {
+        ids[0]: (rlo_reversed("I want to die"), "I want to die"),
+        ids[1]: ("my landlord kept my deposit", None),
+    }
+
+
+def seed_review_items(database: Database, texts: list[str]) -> list[int]:
+    pool = PoolRepository(database)
+    now = datetime.now(UTC)
+    records = [
+        PoolRecord(
+            text=text,
+            label="not-harmful",
+            scores=dict.fromkeys(LABELS, 0.08) | {"not-harmful": 0.6},
+            uncertainty=0.8,
+            margin=0.5,
+            model_version="v-test",
+            sampled_by=UNCERTAIN,
+            client_id=None,
+            seen_at=now,
+        )
+        for text in texts
+    ]
+    pool.write_batch(records)
+    by_text = {item.text: item.id for item in pool.iter_items()}
+    ids = [by_text[text] for text in texts]
+    pool.mark_requested(
+        [LabelRequest(item_id, {"strategy": "test"}, 1.0 - n / 10) for n, item_id in enumerate(ids)], at=now
+    )
+    return ids
+
+
+@pytest.mark.slow
+@pytest.mark.browser
+def test_the_review_page_shows_what_the_model_read_under_the_text(settings, registry, tmp_path, request):
+    chromium = request.getfixturevalue("browser")  # tests/test_review_page.py's headless Chromium
+    publish_keyword_model(registry, tmp_path, KEYWORDS)
+    url = f"sqlite:///{tmp_path / 'review.db'}"
+    settings = Settings(**(settings.model_dump() | {"database_url": url}))
+    database = Database(url)
+    database.ensure_schema()
+    disguised = "I want to k1ll mys3lf <b>now</b>"
+    ids = seed_review_items(database, [disguised, "my landlord kept my deposit"])
+    token = ReviewerRepository(database).add("ann")
+    with live_server(settings) as base:
+        page = chromium.new_page()
+        page.goto(f"{base}/review")
+        page.wait_for_selector("body[data-state=login]")
+        page.get_by_label("Reviewer token").fill(token)
+        page.keyboard.press("Enter")
+        page.wait_for_selector(f"body[data-state=ready][data-item-id='{ids[0]}']")
+        assert page.text_content("#item-text") == disguised
+        assert page.is_visible("#item-canonical-wrap")
+        assert page.text_content("#item-canonical") == "I want to kill myself <b>now</b>"  # as text, not markup
+        assert page.locator("#item b").count() == 0
+        page.keyboard.press("6")
+        page.wait_for_selector(f"body[data-state=ready][data-item-id='{ids[1]}']")
+        assert not page.is_visible("#item-canonical-wrap")
+        page.close()

@@ -1,11 +1,12 @@
 """What the pool keeps of a text: an optional redaction of contact details, and the hash that makes
-"the same text" one row however it was cased or spaced."""
+"the same text" one row however it was cased, spaced or disguised."""
 
 from __future__ import annotations
 
 import hashlib
 import re
-import unicodedata
+
+from guardloop.core.canonical import canonical_text
 
 _EMAIL = re.compile(r"[A-Za-z0-9._%+-]+@[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*\.[A-Za-z]{2,}")
 _URL = re.compile(
@@ -34,8 +35,13 @@ def redact(text: str) -> str:
 
 
 def normalize_text(text: str) -> str:
-    """Unicode-compatible form, case-folded, whitespace collapsed: what makes two texts "the same"."""
-    return " ".join(unicodedata.normalize("NFKC", text).casefold().split())
+    """The text as the model reads it, case-folded, whitespace collapsed: what makes two texts "the same".
+
+    The model reads the canonical form (guardloop.core.canonical), so a disguise of a text ("k1ll", fullwidth
+    letters, zero-width characters) is the same pool item as the text. Rows hashed before (NFKC only) keep
+    their hash; for ordinary text the two forms agree, so at most a disguised text gets a second row.
+    """
+    return " ".join(canonical_text(text).casefold().split())
 
 
 def text_hash(text: str) -> str:

@@ -86,6 +86,9 @@
     $("item").hidden = false;
     $("item-id").textContent = `#${item.id}`;
     $("item-text").textContent = item.text;
+    // The canonical form when it differs (a disguise undone: "k1ll" read as "kill"); null otherwise.
+    $("item-canonical").textContent = item.canonical_text || "";
+    $("item-canonical-wrap").hidden = !item.canonical_text;
     $("item-prediction").textContent = item.predicted_label;
     $("item-uncertainty").textContent = item.uncertainty.toFixed(2);
     $("item-reason").textContent = describeReason(item.reason);

@@ -38,6 +38,9 @@ class Settings(BaseSettings):
     admin_token: SecretStr | None = None
     # One log line per request costs the event loop about as much as routing it; /metrics counts requests anyway.
     access_log: bool = Field(False, description="uvicorn's per-request access log")
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field(
+        "INFO", description="level of every logger in `guardloop serve` (guardloop, uvicorn, SQLAlchemy, httpx)"
+    )
     metrics_refresh_seconds: float = Field(
         15.0, gt=0, description="how often /metrics' pool and review-queue gauges are read from the database"
     )

@@ -63,12 +63,14 @@ def load_settings() -> Settings:
     return Settings()
 
 
-def setup_logging(verbose: bool = False) -> None:
+def setup_logging(verbose: bool = False, level: str | None = None) -> None:
     logging.basicConfig(
-        level=logging.DEBUG if verbose else logging.INFO,
+        level=level or (logging.DEBUG if verbose else logging.INFO),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
+    if level == "DEBUG":  # SQLAlchemy holds its loggers at WARNING unless told so (statements log at INFO)
+        logging.getLogger("sqlalchemy").setLevel(logging.DEBUG)
 
 
 def parse_column(value: str | None) -> str | int | None:

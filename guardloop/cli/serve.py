@@ -30,8 +30,8 @@ def serve(
     ] = False,
 ) -> None:
     """Serve POST /classify; with an empty registry, first train a bootstrap model from the seed data."""
-    setup_logging()
     settings = load_settings()
+    setup_logging(level=settings.log_level)
     bind = host or settings.host
     if not settings.api_keys and bind not in ("127.0.0.1", "::1", "localhost"):
         typer.echo(
@@ -61,7 +61,7 @@ def serve(
             create_app(settings),
             host=host or settings.host,
             port=port or settings.port,
-            log_level="info",
+            log_level=settings.log_level.lower(),
             access_log=settings.access_log,
         )
     finally:

@@ -69,8 +69,11 @@ def setup_logging(verbose: bool = False, level: str | None = None) -> None:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
-    if level == "DEBUG":  # SQLAlchemy holds its loggers at WARNING unless told so (statements log at INFO)
+    if level == "DEBUG":
+        # SQLAlchemy holds its loggers at WARNING unless told. Its statements log at INFO (their parameters hidden
+        # by the engine); result rows at DEBUG: those are users' texts, so the engine's logger stops at INFO.
         logging.getLogger("sqlalchemy").setLevel(logging.DEBUG)
+        logging.getLogger("sqlalchemy.engine").setLevel(logging.INFO)
 
 
 def parse_column(value: str | None) -> str | int | None:

@@ -80,7 +80,9 @@ class Database:
     def __init__(self, url: str, *, connect_timeout_s: int = 5, echo: bool = False) -> None:
         self.url = parse_database_url(url)
         self.dialect = "sqlite" if self.url.drivername.startswith("sqlite") else "postgresql"
-        options: dict[str, Any] = {"echo": echo, "pool_pre_ping": True}
+        # hide_parameters: statement parameters are users' texts and token hashes; they must not reach a log or an
+        # error message (SQLAlchemy puts them in both).
+        options: dict[str, Any] = {"echo": echo, "pool_pre_ping": True, "hide_parameters": True}
         if self.dialect == "sqlite":
             Path(self.url.database or "").parent.mkdir(parents=True, exist_ok=True)
             options["connect_args"] = {"check_same_thread": False, "timeout": 10}

@@ -16,6 +16,7 @@ from guardloop.trainer.export import QUANTIZATION, export_onnx, onnx_agreement
 from guardloop.trainer.finetune import FineTuneConfig, TrainingExample, fine_tune, predict_proba
 
 from guardloop.core.datafiles import Example
+from guardloop.core.errors import UserError
 from guardloop.core.labels import LABELS
 
 log = logging.getLogger(__name__)
@@ -25,8 +26,11 @@ MIN_ONNX_AGREEMENT = 0.9
 MAX_MEAN_PROB_DIFF = 0.02
 
 
-class ExportCheckFailed(Exception):
-    """The exported ONNX model disagrees with the torch model it came from."""
+class ExportCheckFailed(UserError):
+    """The exported ONNX model disagrees with the torch model it came from.
+
+    A UserError so that `guardloop train` ends with its one-line reason (exit 2), not a traceback: nothing was
+    published and the operator needs the figures, not the stack."""
 
 
 @dataclass

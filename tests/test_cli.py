@@ -68,7 +68,7 @@ def test_eval_without_a_model(cli_env):
 
 def test_bad_setting_is_one_line(cli_env):
     result = run_cli("models", "list", env={**cli_env, "GUARDLOOP_PORT": "not-a-port"})
-    assert_one_line_error(result, "invalid setting", "port")
+    assert_one_line_error(result, "GUARDLOOP_PORT: should be a valid integer", "not-a-port")
 
 
 def test_models_list_promote_rollback_show(tmp_path, cli_env):

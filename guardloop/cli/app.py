@@ -12,13 +12,16 @@ from typing import Any, TypeVar
 
 import typer
 from pydantic import ValidationError
+from pydantic_settings import SettingsError
 
 from guardloop.core.datafiles import BadRow, DataFileError
 from guardloop.core.errors import UserError
 from guardloop.core.settings import Settings
+from guardloop.core.settings_errors import describe_settings_error, unknown_variables
 from guardloop.models.onnx_model import ModelLoadError
 from guardloop.models.registry import ModelRegistry, RegistryError
 from guardloop.storage import Database, ReviewError, StorageError
+from guardloop.storage.db import parse_database_url
 from guardloop.trainer.base_models import BaseModelMissing
 
 app = typer.Typer(
@@ -36,6 +39,7 @@ USER_ERRORS: tuple[type[BaseException], ...] = (
     RegistryError,
     ModelLoadError,
     ValidationError,
+    SettingsError,
     BaseModelMissing,
     StorageError,
     ReviewError,
@@ -50,17 +54,36 @@ def friendly_errors(func: F) -> F:
         try:
             return func(*args, **kwargs)
         except USER_ERRORS as exc:
-            message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            if isinstance(exc, ValidationError):
-                message = "invalid setting: " + " ".join(str(exc).split())
+            message = describe_settings_error(exc)  # a setting's problem: its name, what is wrong, what to fix
+            if message is None and isinstance(exc, ValidationError):
+                message = " ".join(str(exc).split())
+            elif message is None:
+                message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             typer.echo(f"error: {message}", err=True)
             raise typer.Exit(2) from None
 
     return wrapper  # type: ignore[return-value]
 
 
+_warned_unknown = False
+
+
 def load_settings() -> Settings:
+    """The settings; the first call also warns (stderr) about GUARDLOOP_* variables no setting reads."""
+    global _warned_unknown
+    if not _warned_unknown:
+        _warned_unknown = True
+        for warning in unknown_variables():
+            typer.echo(f"warning: {warning}", err=True)
     return Settings()
+
+
+def check_database_url(settings: Settings) -> None:
+    """Refuse a database URL that cannot work before anything starts (a server would only fail in its lifespan)."""
+    try:
+        parse_database_url(settings.database_url_value)
+    except StorageError as exc:
+        raise UserError(f"GUARDLOOP_DATABASE_URL: {exc}; fix or unset GUARDLOOP_DATABASE_URL") from None
 
 
 def setup_logging(verbose: bool = False, level: str | None = None) -> None:
@@ -94,6 +117,8 @@ def open_registry() -> ModelRegistry:
 
 def open_database() -> Database:
     """The configured database (GUARDLOOP_DATABASE_URL, else <data_dir>/guardloop.db), migrated."""
-    database = Database(load_settings().database_url_value)
+    settings = load_settings()
+    check_database_url(settings)
+    database = Database(settings.database_url_value)
     database.ensure_schema()
     return database

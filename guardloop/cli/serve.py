@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import errno
 import logging
+import socket
 from collections.abc import Callable
 from typing import Annotated, Any
 
@@ -10,7 +12,7 @@ import typer
 import uvicorn
 from prometheus_client import start_http_server
 
-from guardloop.cli.app import app, friendly_errors, load_settings, setup_logging
+from guardloop.cli.app import app, check_database_url, friendly_errors, load_settings, setup_logging
 from guardloop.core.errors import UserError
 from guardloop.models.registry import ModelRegistry
 from guardloop.service.app import create_app
@@ -33,6 +35,8 @@ def serve(
     settings = load_settings()
     setup_logging(level=settings.log_level)
     bind = host or settings.host
+    check_database_url(settings)  # every check here runs before a model is loaded or trained
+    check_bindable(bind, port or settings.port, "--port" if port else "GUARDLOOP_PORT", "--port or GUARDLOOP_PORT")
     if not settings.api_keys and bind not in ("127.0.0.1", "::1", "localhost"):
         typer.echo(
             f"warning: serving on {bind} without API keys: anyone who reaches it can classify and fill the pool; "
@@ -54,7 +58,10 @@ def serve(
 
         runner = build_cycle_runner(settings)
         runner.export_last_promoted()  # the cycle metrics then show on this service's /metrics
-        scheduler = build_scheduler(settings, guarded(runner.run), blocking=False)
+        try:
+            scheduler = build_scheduler(settings, guarded(runner.run), blocking=False)
+        except ScheduleError as exc:
+            raise UserError(str(exc)) from None
         scheduler.start()
     try:
         uvicorn.run(
@@ -74,10 +81,13 @@ def serve(
 def run_trainer() -> None:
     """The trainer process: runs the active-learning cycle on the configured schedule (interval or cron)."""
     setup_logging()
+    settings = load_settings()
+    check_database_url(settings)
+    port_setting = "GUARDLOOP_TRAINER_METRICS_PORT"
+    check_bindable(settings.host, settings.trainer_metrics_port, port_setting, port_setting)
     # The train extra (scikit-learn, torch): a serve-only install has no trainer process.
     from guardloop.trainer.cycle import build_cycle_runner
 
-    settings = load_settings()
     runner = build_cycle_runner(settings)
     try:
         scheduler = build_scheduler(settings, guarded(runner.run), blocking=True)
@@ -97,6 +107,31 @@ def run_trainer() -> None:
         err=True,
     )
     scheduler.start()
+
+
+def check_bindable(host: str, port: int, name: str, setting: str) -> None:
+    """Refuse, in one line naming the setting (`name`; `setting` says where to change it), a port out of range or
+    one this process cannot listen on (in use, not permitted, an address this machine does not have), before
+    anything slow starts."""
+    if not 1 <= port <= 65535:
+        raise UserError(f"{name}: port {port} is out of range; choose one in 1..65535 with {setting}")
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except socket.gaierror as exc:
+        raise UserError(f"GUARDLOOP_HOST: cannot listen on {host!r} ({exc.strerror}); set it or --host") from None
+    family, kind, proto, _, address = infos[0]
+    with socket.socket(family, kind, proto) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn does: TIME_WAIT is no conflict
+        try:
+            probe.bind(address)
+        except OSError as exc:
+            if exc.errno == errno.EADDRINUSE:
+                problem = f"port {port} is in use on {host}; choose another with {setting}"
+            elif exc.errno == errno.EACCES:
+                problem = f"port {port} needs privileges on {host}; choose one above 1023 with {setting}"
+            else:
+                problem = f"cannot listen on {host}:{port} ({exc.strerror}); set GUARDLOOP_HOST or {setting}"
+            raise UserError(f"{name}: {problem}") from None
 
 
 def guarded(run: Callable[[], Any]) -> Callable[[], None]:

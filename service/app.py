@@ -22,7 +22,7 @@ from guardloop.service.guideline_store import GuidelineStore, watch_guidelines
 from guardloop.service.limits import BodySizeLimit
 from guardloop.service.metrics import HttpMetrics
 from guardloop.service.model_holder import ModelHolder
-from guardloop.service.rate_limit import RateLimit, build_groups
+from guardloop.service.rate_limit import RateLimit, TokenBuckets, WorkLimit, build_groups
 from guardloop.service.routers import (
     classify,
     guidelines,
@@ -74,6 +74,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             lambda: holder.current,
             max_size=settings.batch_max_size,
             max_wait_ms=settings.batch_max_wait_ms,
+            max_tokens=settings.batch_max_tokens,
+            max_queue_tokens=settings.queue_max_tokens,
+            max_seq_len=settings.max_seq_len,
             on_batch=telemetry.BATCH_SIZE.observe,
         )
         batcher.start()
@@ -110,7 +113,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             review_per_ip=settings.rate("rate_limit_review_per_ip"),
             review_per_token=settings.rate("rate_limit_review_per_token"),
         ),
+        auth_failures=TokenBuckets(rate) if (rate := settings.rate("rate_limit_auth_failures_per_ip")) else None,
     )
+    work_rate = settings.rate("rate_limit_classify_tokens_per_client")
+    app.state.work_limit = WorkLimit(work_rate, max_seq_len=settings.max_seq_len) if work_rate else None
     if settings.cors_origins:  # closed by default: without CORS headers browsers refuse cross-site calls
         app.add_middleware(
             CORSMiddleware,

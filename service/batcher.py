@@ -1,51 +1,105 @@
-"""Micro-batching: concurrent requests share one forward pass.
+"""Micro-batching: concurrent requests share one forward pass, fairly, and one bad text fails only its request.
 
-Each text waits at most `max_wait` for others to join, and a batch never exceeds `max_size`, so a lone
-request pays almost nothing and a burst is run in a few large (much cheaper per text) passes.
+A batch holds at most `max_size` texts and `max_tokens` padded tokens, formed round-robin across clients
+(service/admission.py), so a lone request pays almost nothing, a burst runs in a few large (much cheaper per text)
+passes, and a caller with many long texts shares the batches instead of filling them. Each text waits at most
+`max_wait` for others to join. When a forward pass raises, its texts are re-run one by one and only those that
+fail alone fail (TextRejected): batch-mates of a malformed text never see its error.
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from typing import Any, Protocol
 
 import numpy as np
-from guardloop.service.model_holder import LoadedModel
+from guardloop.service.admission import FairQueue, Overloaded, Pending, estimate_tokens
+
+log = logging.getLogger(__name__)
+
+# Tokens/s one inference thread drained here with the seed-trained int8 MiniLM (README, "Admission by work"):
+# the Retry-After estimate until the service has measured its own batches.
+INITIAL_DRAIN_TOKENS_PER_SECOND = 6000.0
+_DRAIN_SMOOTHING = 0.2  # weight of the newest batch in the moving average of the drain rate
 
 
 class NoModelLoaded(Exception):
     """The service has no model to answer with yet."""
 
 
-@dataclass
-class _Pending:
-    text: str
-    future: asyncio.Future[tuple[np.ndarray, LoadedModel]]
+class TextRejected(Exception):
+    """A text failed in a forward pass of its own: the text, not its batch-mates or the model, is at fault."""
+
+    def __init__(self, reason: str, index: int | None = None) -> None:
+        self.reason, self.index = reason, index
+        where = f"text {index}" if index is not None else "a text"
+        super().__init__(f"{where} could not be classified ({reason}); send it as valid UTF-8 text")
+
+
+class _Model(Protocol):  # LoadedModel, or a test's stand-in: anything with a classifier that has predict_proba
+    @property
+    def classifier(self) -> Any: ...
+
+
+def _forward_isolated(model: _Model, texts: list[str]) -> list[np.ndarray | BaseException]:
+    """One row per text, or the exception of a text that fails alone. Runs in the inference thread.
+
+    When every text of a multi-text batch fails alone the model is at fault, not the texts: the batch's own
+    error is given to all of them (a 500, not a 422).
+    """
+    try:
+        return list(model.classifier.predict_proba(texts))
+    except Exception as batch_error:
+        if len(texts) == 1:
+            return [TextRejected(_reason(batch_error))]
+        rows: list[np.ndarray | BaseException] = []
+        for text in texts:
+            try:
+                rows.append(model.classifier.predict_proba([text])[0])
+            except Exception as alone:
+                rows.append(TextRejected(_reason(alone)))
+        if all(isinstance(row, BaseException) for row in rows):
+            return [batch_error] * len(texts)
+        return rows
+
+
+def _reason(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {str(exc)[:200]}"
 
 
 class MicroBatcher:
     def __init__(
         self,
-        get_model: Callable[[], LoadedModel | None],
+        get_model: Callable[[], Any],
         *,
         max_size: int,
         max_wait_ms: float,
+        max_tokens: int = 1 << 30,
+        max_queue_tokens: int = 1 << 30,
+        max_seq_len: int = 128,
         workers: int = 1,
         on_batch: Callable[[int], None] | None = None,
     ) -> None:
         self._get_model = get_model
         self._max_size = max_size
         self._max_wait = max_wait_ms / 1000
+        self._max_tokens = max_tokens
+        self._max_queue_tokens = max_queue_tokens
+        self._max_seq_len = max_seq_len
         self._workers = workers
         self._on_batch = on_batch
-        self._queue: asyncio.Queue[_Pending] = asyncio.Queue()
+        self._queue = FairQueue()
+        self._arrived: asyncio.Event | None = None  # created in start(): it belongs to the running loop
         self._executor = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="inference")
         self._tasks: list[asyncio.Task[None]] = []
+        self.drain_tokens_per_second = INITIAL_DRAIN_TOKENS_PER_SECOND
 
     def start(self) -> None:
+        self._arrived = asyncio.Event()
         self._tasks = [asyncio.create_task(self._run(), name=f"batcher-{i}") for i in range(self._workers)]
 
     async def stop(self) -> None:
@@ -54,65 +108,109 @@ class MicroBatcher:
         await asyncio.gather(*self._tasks, return_exceptions=True)
         self._executor.shutdown(wait=True)
 
-    async def predict(self, texts: list[str]) -> tuple[np.ndarray, LoadedModel]:
+    @property
+    def pending_tokens(self) -> int:
+        return self._queue.total_tokens
+
+    def cost(self, texts: list[str]) -> int:
+        """The estimated tokens of work `texts` put in the queue (the unit of admission and rate limits)."""
+        return sum(estimate_tokens(text, self._max_seq_len) for text in texts)
+
+    async def predict(self, texts: list[str], client: str = "anonymous") -> tuple[np.ndarray, Any]:
         """Probabilities (LABELS order) for `texts`, and the model that produced them.
 
-        All texts of one request are answered by the same model version, even across a hot-swap.
+        All texts of one request are answered by the same model version, even across a hot-swap. Raises
+        Overloaded (refused unqueued), NoModelLoaded, or TextRejected with the index of the failing text.
         """
-        model = self._get_model()
-        if model is None:
+        if self._get_model() is None:
             raise NoModelLoaded("no model loaded yet")
+        assert self._arrived is not None, "start() the batcher first"
         loop = asyncio.get_running_loop()
-        pending = [_Pending(text, loop.create_future()) for text in texts]
-        for item in pending:
-            self._queue.put_nowait(item)
-        results = await asyncio.gather(*(item.future for item in pending))
-        versions = {id(m) for _, m in results}
-        if len(versions) > 1:
+        pending = [
+            Pending(text, estimate_tokens(text, self._max_seq_len), client, loop.create_future()) for text in texts
+        ]
+        cost = sum(item.tokens for item in pending)
+        ahead = self._queue.work_ahead(client, cost)
+        if self._queue.total_texts and ahead > self._max_queue_tokens:
+            retry_after = (ahead - self._max_queue_tokens) / self.drain_tokens_per_second
+            raise Overloaded(max(1.0, retry_after), ahead, self._max_queue_tokens)
+        self._queue.put(pending)
+        self._arrived.set()
+        answers = await asyncio.gather(*(item.future for item in pending), return_exceptions=True)
+        results = [_unwrap(answer, index) for index, answer in enumerate(answers)]
+        models = {id(model): model for _, model in results}
+        if len(models) > 1:
             # A swap happened between this request's batches: answer wholly with the newest model.
             newest = results[-1][1]
-            probs = await loop.run_in_executor(self._executor, newest.classifier.predict_proba, texts)
-            return probs, newest
-        return np.stack([p for p, _ in results]), results[0][1]
+            rows = await loop.run_in_executor(self._executor, _forward_isolated, newest, texts)
+            return _stack(rows), newest
+        return _stack([row for row, _ in results]), results[0][1]
 
     async def _run(self) -> None:
+        assert self._arrived is not None
         loop = asyncio.get_running_loop()
         while True:
-            batch = [await self._queue.get()]
+            while not self._queue:
+                self._arrived.clear()
+                await self._arrived.wait()
             # One turn of the event loop lets requests whose bytes already arrived reach the queue: under load
             # batches grow for free, and a lone request pays one loop iteration.
             await asyncio.sleep(0)
-            deadline = time.monotonic() + self._max_wait
-            while len(batch) < self._max_size:
+            deadline = loop.time() + self._max_wait
+            while len(self._queue) < self._max_size and (remaining := deadline - loop.time()) > 0:
+                self._arrived.clear()
                 try:
-                    batch.append(self._queue.get_nowait())
-                    continue
-                except asyncio.QueueEmpty:
-                    pass
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
-                    break
-                try:
-                    batch.append(await asyncio.wait_for(self._queue.get(), remaining))
+                    await asyncio.wait_for(self._arrived.wait(), remaining)
                 except TimeoutError:
                     break
-            batch = [item for item in batch if not item.future.done()]  # callers that gave up
+            batch = self._queue.take_batch(self._max_size, self._max_tokens)
             if not batch:
                 continue
-            model = self._get_model()
-            try:
-                if model is None:
-                    raise NoModelLoaded("no model loaded")
-                probs = await loop.run_in_executor(
-                    self._executor, model.classifier.predict_proba, [item.text for item in batch]
-                )
-            except Exception as exc:
-                for item in batch:
-                    if not item.future.done():
-                        item.future.set_exception(exc)
+            await self._forward(loop, batch)
+
+    async def _forward(self, loop: asyncio.AbstractEventLoop, batch: list[Pending]) -> None:
+        model = self._get_model()
+        if model is None:
+            _fail(batch, NoModelLoaded("no model loaded"))
+            return
+        started = time.perf_counter()
+        try:
+            rows = await loop.run_in_executor(self._executor, _forward_isolated, model, [i.text for i in batch])
+        except Exception as exc:  # the executor itself failed (shut down): nothing was computed
+            _fail(batch, exc)
+            return
+        self._observe_drain(batch, time.perf_counter() - started)
+        if self._on_batch:
+            self._on_batch(len(batch))
+        for item, row in zip(batch, rows, strict=True):
+            if item.future.done():
                 continue
-            if self._on_batch:
-                self._on_batch(len(batch))
-            for item, row in zip(batch, probs, strict=True):
-                if not item.future.done():
-                    item.future.set_result((row, model))
+            if isinstance(row, BaseException):
+                item.future.set_exception(row)
+            else:
+                item.future.set_result((row, model))
+
+    def _observe_drain(self, batch: list[Pending], seconds: float) -> None:
+        if seconds <= 0:
+            return
+        rate = sum(item.tokens for item in batch) / seconds
+        self.drain_tokens_per_second += _DRAIN_SMOOTHING * (rate - self.drain_tokens_per_second)
+
+
+def _fail(batch: list[Pending], exc: BaseException) -> None:
+    for item in batch:
+        if not item.future.done():
+            item.future.set_exception(exc)
+
+
+def _unwrap(answer: Any, index: int) -> Any:
+    """The answer for the request's text `index`, or its error raised (a rejected text with its index)."""
+    if isinstance(answer, TextRejected):
+        raise TextRejected(answer.reason, index)
+    if isinstance(answer, BaseException):
+        raise answer
+    return answer
+
+
+def _stack(rows: list[Any]) -> np.ndarray:
+    return np.stack([_unwrap(row, index) for index, row in enumerate(rows)])

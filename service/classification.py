@@ -12,11 +12,13 @@ escape) is a 422 here, before it can reach the tokenizer or the database.
 from __future__ import annotations
 
 import logging
+import math
 from dataclasses import dataclass
 
 from fastapi import HTTPException, Request, status
 from guardloop.models.onnx_model import Verdict
-from guardloop.service.batcher import NoModelLoaded
+from guardloop.service.admission import Overloaded
+from guardloop.service.batcher import NoModelLoaded, TextRejected
 from guardloop.service.model_holder import LoadedModel
 
 from guardloop.core import telemetry
@@ -69,15 +71,38 @@ async def classify_texts(request: Request, texts: list[str], *, pooled: int | No
     """
     settings = request.app.state.settings
     canonical = check_limits(texts, settings.max_texts, settings.max_text_chars)  # what the model reads
+    batcher = request.app.state.batcher
+    client = client_key(request)
+    work_limit = getattr(request.app.state, "work_limit", None)
+    if work_limit is not None:
+        work_limit.check(client, batcher.cost(canonical))  # 429 + Retry-After past the client's tokens/s
     try:
-        probs, model = await request.app.state.batcher.predict(canonical)
+        probs, model = await batcher.predict(canonical, client)
     except NoModelLoaded as exc:
         raise HTTPException(status.HTTP_503_SERVICE_UNAVAILABLE, "no model loaded yet; retry shortly") from exc
+    except Overloaded as exc:
+        telemetry.record_refused("overloaded")
+        raise HTTPException(
+            status.HTTP_503_SERVICE_UNAVAILABLE, str(exc), headers={"Retry-After": str(math.ceil(exc.retry_after))}
+        ) from None
+    except TextRejected as exc:
+        telemetry.record_refused("text_failed")
+        log.warning("refused a text that fails alone in the model: %s", exc.reason)  # never the text itself
+        raise HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT, str(exc)) from None
     classified = ClassifiedTexts(texts, canonical, [model.classifier.verdict(row) for row in probs], model)
     callers_texts = len(texts) if pooled is None else pooled
     telemetry.record_verdicts(classified.verdicts[:callers_texts])
     _offer_to_pool(request, classified, callers_texts)
     return classified
+
+
+def client_key(request: Request) -> str:
+    """Who shares batches and work limits: the API key's client name when keys are configured, else the
+    client address (a self-declared X-Client-Id would let one caller take as many shares as it likes)."""
+    client_id = getattr(request.state, "client_id", None)
+    if request.app.state.settings.api_keys and client_id:
+        return f"key:{client_id}"
+    return f"ip:{request.client.host if request.client else 'unknown'}"
 
 
 def _offer_to_pool(request: Request, classified: ClassifiedTexts, count: int) -> None:

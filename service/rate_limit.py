@@ -19,8 +19,11 @@ from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from starlette.types import ASGIApp, Receive, Scope, Send
+from fastapi import HTTPException
+from guardloop.service.admission import CHARS_PER_TOKEN
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from guardloop.core import telemetry
 from guardloop.core.rates import Rate
 
 OPENAI_PATHS = ("/v1/moderations",)
@@ -35,8 +38,7 @@ class TokenBuckets:
         self._clock = clock
         self._buckets: OrderedDict[str, list[float]] = OrderedDict()  # key -> [tokens, last refill time]
 
-    def take(self, key: str) -> float:
-        """Take one token for `key`: 0.0 if granted, else the seconds until one is available."""
+    def _bucket(self, key: str) -> list[float]:
         now = self._clock()
         bucket = self._buckets.get(key)
         if bucket is None:
@@ -47,10 +49,27 @@ class TokenBuckets:
             self._buckets.move_to_end(key)
             bucket[0] = min(float(self.rate.count), bucket[0] + (now - bucket[1]) * self.rate.per_second)
             bucket[1] = now
-        if bucket[0] >= 1.0:
-            bucket[0] -= 1.0
+        return bucket
+
+    def take(self, key: str, cost: float = 1.0) -> float:
+        """Take `cost` tokens for `key`: 0.0 if granted, else the seconds until they are available.
+
+        A cost above the burst is granted from a full bucket and leaves it in debt, so the caller then waits
+        for the whole cost to refill: a request larger than the burst is slowed, never refused forever.
+        """
+        bucket = self._bucket(key)
+        needed = min(cost, float(self.rate.count))
+        if bucket[0] >= needed:
+            bucket[0] -= cost
             return 0.0
-        return (1.0 - bucket[0]) / self.rate.per_second
+        return (needed - bucket[0]) / self.rate.per_second
+
+    def peek(self, key: str) -> float:
+        """Seconds until `key` could take one token (0.0: now), without taking it."""
+        if key not in self._buckets:
+            return 0.0
+        bucket = self._bucket(key)
+        return 0.0 if bucket[0] >= 1.0 else (1.0 - bucket[0]) / self.rate.per_second
 
     def __len__(self) -> int:
         return len(self._buckets)
@@ -75,11 +94,22 @@ def credential_of(headers: list[tuple[bytes, bytes]]) -> str | None:
 
 
 class RateLimit:
-    """Pure ASGI middleware: 429 with Retry-After before the request is read, routed or authenticated."""
+    """Pure ASGI middleware: 429 with Retry-After before the request is read, routed or authenticated.
 
-    def __init__(self, app: ASGIApp, groups: list[tuple[Callable[[str], bool], LimitGroup]]) -> None:
+    `auth_failures` counts the 401/403 answers of /admin/* and /review/* per client address: once an address has
+    used up its failures, every request of its to those routes is refused until the bucket refills, so tokens
+    cannot be guessed at the service's speed (400 wrong admin tokens took 0.2 s without it).
+    """
+
+    def __init__(
+        self,
+        app: ASGIApp,
+        groups: list[tuple[Callable[[str], bool], LimitGroup]],
+        auth_failures: TokenBuckets | None = None,
+    ) -> None:
         self.app = app
         self.groups = groups
+        self.auth_failures = auth_failures
 
     def _group(self, path: str) -> LimitGroup | None:
         for matches, group in self.groups:
@@ -88,21 +118,47 @@ class RateLimit:
         return None
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or (group := self._group(scope["path"])) is None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        if self.auth_failures is not None and _is_authenticated(scope["path"]):
+            client = scope.get("client")
+            address = client[0] if client else "unknown"
+            wait = self.auth_failures.peek(address)
+            if wait:
+                who = "this client address after too many failed authentications"
+                telemetry.record_refused("auth_failures")
+                await self._reject(send, scope["path"], who, self.auth_failures, wait)
+                return
+            send = self._counting_auth_failures(send, address)
+        if (group := self._group(scope["path"])) is None:
             await self.app(scope, receive, send)
             return
         if group.per_ip is not None:
             client = scope.get("client")
             wait = group.per_ip.take(client[0] if client else "unknown")
             if wait:
+                telemetry.record_refused("client_requests")
                 await self._reject(send, scope["path"], "this client address", group.per_ip, wait)
                 return
         if group.per_credential is not None and (credential := credential_of(scope["headers"])) is not None:
             wait = group.per_credential.take(credential)
             if wait:
+                telemetry.record_refused("client_requests")
                 await self._reject(send, scope["path"], "this API key or token", group.per_credential, wait)
                 return
         await self.app(scope, receive, send)
+
+    def _counting_auth_failures(self, send: Send, address: str) -> Send:
+        failures = self.auth_failures
+        assert failures is not None
+
+        async def counted(message: Message) -> None:
+            if message["type"] == "http.response.start" and message["status"] in (401, 403):
+                failures.take(address)
+            await send(message)
+
+        return counted
 
     @staticmethod
     async def _reject(send: Send, path: str, who: str, buckets: TokenBuckets, wait: float) -> None:
@@ -135,6 +191,37 @@ def _is_classify(path: str) -> bool:
 
 def _is_review(path: str) -> bool:
     return path == "/review" or path.startswith("/review/")
+
+
+def _is_authenticated(path: str) -> bool:
+    """Routes behind the admin or a reviewer token, whose failed authentications are limited."""
+    return _is_review(path) or path.startswith("/admin/")
+
+
+class WorkLimit:
+    """Per-client work limit on the classify routes, in estimated tokens per second (429 + Retry-After).
+
+    Beside the requests-per-second buckets: a request of 64 texts of 4,000 characters is ~8,000 tokens of work,
+    a one-word request ~3, and only a limit in work can stop one client from taking the whole service.
+    """
+
+    def __init__(self, rate: Rate, *, max_seq_len: int, clock: Callable[[], float] = time.monotonic) -> None:
+        self.buckets = TokenBuckets(rate, clock=clock)
+        self.max_seq_len = max_seq_len
+
+    def check(self, client: str, tokens: int) -> None:
+        wait = self.buckets.take(client, tokens)
+        if not wait:
+            return
+        telemetry.record_refused("client_work")
+        retry_after = max(1, math.ceil(wait))
+        raise HTTPException(
+            429,
+            f"too much text from this client: the limit is {self.buckets.rate.text} tokens (a token is about "
+            f"{CHARS_PER_TOKEN} characters, at most {self.max_seq_len} count per text); retry after {retry_after} s "
+            "or send fewer or shorter texts",
+            headers={"Retry-After": str(retry_after)},
+        )
 
 
 def build_groups(

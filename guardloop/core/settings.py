@@ -53,6 +53,14 @@ class Settings(BaseSettings):
     # 0 measured best here: texts that arrive while a forward pass runs form the next batch anyway, and a timed
     # wait costs a lone request far more than it saves (p50 4.5 ms at 0 vs 12.3 ms at 2 ms, loopback HTTP).
     batch_max_wait_ms: float = Field(0.0, ge=0, description="longest a text waits for others to join its batch")
+    # Work is counted in estimated tokens (characters / 4 + 2, at most max_seq_len per text); the sizes below are
+    # measured here (README, "Admission by work").
+    batch_max_tokens: int = Field(
+        1024, ge=8, description="most padded tokens (texts x the longest) in one forward pass; caps a batch's time"
+    )
+    queue_max_tokens: int = Field(
+        8192, ge=1, description="work ahead of a request's last text beyond which it is refused at once (503)"
+    )
     registry_poll_seconds: float = Field(5.0, gt=0, description="how often the service checks `current`")
     thresholds: dict[str, float] = Field(
         default_factory=dict,
@@ -97,6 +105,12 @@ class Settings(BaseSettings):
     rate_limit_classify_per_key: str | None = Field("1000/second", description="/classify + /v1/moderations per key")
     rate_limit_review_per_ip: str | None = Field("1200/minute", description="/review* per client IP")
     rate_limit_review_per_token: str | None = Field("600/minute", description="/review* per reviewer token")
+    rate_limit_classify_tokens_per_client: str | None = Field(
+        "4000/second", description="estimated tokens classified per second per API key (or per IP without keys)"
+    )
+    rate_limit_auth_failures_per_ip: str | None = Field(
+        "20/minute", description="failed authentications (401/403) on /admin/* and /review* per IP"
+    )
     cors_origins: list[str] = Field(
         default_factory=list, description="browser origins allowed to call the API cross-site; empty: CORS closed"
     )
@@ -106,6 +120,8 @@ class Settings(BaseSettings):
         "rate_limit_classify_per_key",
         "rate_limit_review_per_ip",
         "rate_limit_review_per_token",
+        "rate_limit_classify_tokens_per_client",
+        "rate_limit_auth_failures_per_ip",
     )
     @classmethod
     def _check_rate(cls, value: str | None) -> str | None:

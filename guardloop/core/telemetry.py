@@ -80,6 +80,18 @@ UNCERTAINTY = Histogram(
 BATCH_SIZE = Histogram(
     "guardloop_batch_size", "texts per micro-batch forward pass", buckets=BATCH_SIZE_BUCKETS, registry=None
 )
+REFUSAL_REASONS = ("overloaded", "client_requests", "client_work", "auth_failures")
+REQUESTS_REFUSED = Counter(
+    "guardloop_requests_refused_total",
+    "requests refused unqueued: overloaded (503), client_requests / client_work / auth_failures (429)",
+    ["reason"],
+    registry=None,
+)
+TEXTS_REJECTED = Counter(
+    "guardloop_texts_rejected_total",
+    "texts that failed in a forward pass of their own (422); their batch-mates were answered",
+    registry=None,
+)
 MODEL_INFO = Gauge("guardloop_model_info", "1 for the model version this process serves", ["version"], registry=None)
 MODEL_LOADED = Gauge("guardloop_model_loaded", "1 while a model is loaded (/readyz 200), else 0", registry=None)
 MODEL_LOAD_SECONDS = Gauge(
@@ -150,6 +162,8 @@ SERVICE_METRICS: tuple[Collector, ...] = (
     FLAGGED,
     UNCERTAINTY,
     BATCH_SIZE,
+    REQUESTS_REFUSED,
+    TEXTS_REJECTED,
     MODEL_INFO,
     MODEL_LOADED,
     MODEL_LOAD_SECONDS,
@@ -178,6 +192,7 @@ TRAINER_METRICS: tuple[Collector, ...] = (
 # The children are kept: the hot path then skips labels()'s lock and lookup.
 _PREDICTED = {label: PREDICTIONS.labels(label=label) for label in LABELS}
 _FLAGGED = {label: FLAGGED.labels(label=label) for label in LABELS}
+_REFUSED = {reason: REQUESTS_REFUSED.labels(reason=reason) for reason in REFUSAL_REASONS}
 _CYCLES = {outcome: CYCLES.labels(outcome=outcome) for outcome in CYCLE_OUTCOMES}
 _RECALL = {label: LAST_PROMOTED_RECALL.labels(label=label) for label in LABELS}
 _ACCEPTED, _FILTERED = VARIATIONS.labels(outcome="accepted"), VARIATIONS.labels(outcome="filtered")
@@ -211,6 +226,14 @@ def record_verdicts(verdicts: Sequence[Verdict]) -> None:
         UNCERTAINTY.observe(verdict.uncertainty)
         for category in verdict.flagged_categories:
             _FLAGGED[category].inc()
+
+
+def record_refused(reason: str) -> None:
+    """A request refused unqueued (REFUSAL_REASONS), or a text rejected alone ("text_failed")."""
+    if reason == "text_failed":
+        TEXTS_REJECTED.inc()
+    else:
+        _REFUSED[reason].inc()
 
 
 def record_model_served(version: str, load_seconds: float, *, replaced: bool) -> None:

@@ -24,6 +24,7 @@ import shutil
 import tempfile
 import threading
 import time
+from collections import Counter
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -47,7 +48,7 @@ REVIEWER = "soak-reviewer"
 class Sample:
     at: float  # wall-clock time the request was sent
     ms: float  # latency, from sending to the full answer
-    status: int  # HTTP status, 0 for a request that got no answer (connection error, timeout)
+    status: int  # HTTP status; 0: no answer (connection error, timeout); -1: a 200 whose body is not JSON
     version: str  # the model version that answered ("" without an answer)
 
 
@@ -66,11 +67,15 @@ async def _load(url: str, rate: float, start_at: float, seconds: float, texts: l
         async def one(text: str) -> None:
             sent = time.time()
             started = time.perf_counter()
+            status, version = 0, ""
             try:
                 response = await client.post("/classify", json={"text": text})
-                status, version = response.status_code, response.json().get("model_version", "")
-            except (httpx.HTTPError, ValueError):
-                status, version = 0, ""
+                status = response.status_code
+                version = response.json().get("model_version", "")
+            except httpx.HTTPError:
+                pass  # no answer: status 0
+            except ValueError:  # an answer whose body is not JSON keeps its status; a 200 like that is -1
+                status = -1 if status == 200 else status
             samples.append(Sample(sent, (time.perf_counter() - started) * 1000, status, version))
 
         tasks = set()
@@ -218,6 +223,8 @@ def run_soak_bench(
     swap_every: float,
     interval: float,
     memory_bound_mb: float,
+    p99_ratio: float = 2.0,
+    schedule_slack: float = 1.0,
 ) -> bool:
     """Run the soak and print its report; True when every target was met."""
     with tempfile.TemporaryDirectory(prefix="guardloop-soak-") as tmp_name:
@@ -291,6 +298,8 @@ def run_soak_bench(
         end=swaps_from + seconds,
         interval=interval,
         memory_bound_mb=memory_bound_mb,
+        p99_ratio=p99_ratio,
+        schedule_slack=schedule_slack,
         rate=rate,
     )
 
@@ -305,6 +314,8 @@ def report(
     interval: float,
     memory_bound_mb: float,
     rate: float,
+    p99_ratio: float = 2.0,
+    schedule_slack: float = 1.0,
 ) -> bool:
     windows = [Window(baseline_from - WARM_UP_SECONDS, baseline_from, "warm-up")]
     edges = [baseline_from + i * interval for i in range(round((end - baseline_from) / interval) + 1)]
@@ -327,6 +338,8 @@ def report(
     base_n, base_failed, base_p50, base_p99 = summarize(base)
     swap_n, swap_failed, swap_p50, swap_p99 = summarize(swapping)
     failed_total = sum(1 for s in samples if s.status != 200)
+    # Which answers failed (0: no answer at all), so a failed target says whether it was timeouts or refusals.
+    failed_by_status = Counter(s.status for s in samples if s.status != 200)
     done_swaps = [swap for swap in background.swaps if swap[2]]
     versions_seen = {s.version for s in swapping if s.version}
     # Memory after warm-up: from the fourth completed swap on (both versions loaded twice, the allocator's arenas
@@ -341,7 +354,9 @@ def report(
     else:
         first = last = growth = float("nan")
     typer.echo(
-        f"served {len(samples)} requests ({failed_total} failed, warm-up included); "
+        f"served {len(samples)} requests ({failed_total} failed, warm-up included"
+        + "".join(f"; {n} x status {status}" for status, n in sorted(failed_by_status.items()))
+        + "); "
         f"{len(done_swaps)} swaps done of {len(background.swaps)}, versions answering during swaps: "
         f"{', '.join(sorted(versions_seen))}; {background.labels} labels given"
     )
@@ -358,7 +373,7 @@ def report(
     # Open loop: a request leaves at its scheduled time unless the sending process itself is starved of CPU.
     # Sent late, the load was not the one asked for and the latencies measure a queue, not the service.
     behind = max((s.at for s in samples), default=end) - end
-    if behind > 1.0:
+    if behind > schedule_slack:
         typer.echo(
             f"the load fell {behind:.0f} s behind its schedule: this machine cannot send and serve {rate:g} "
             "requests/s; lower --rate"
@@ -367,10 +382,10 @@ def report(
         typer.echo(f"problem: {problem}")
     targets = [
         ("zero failed requests", failed_total == 0 and base_failed == swap_failed == 0),
-        ("p99 with swaps <= 2x baseline", swap_p99 <= 2 * base_p99),
+        (f"p99 with swaps <= {p99_ratio:g}x baseline", swap_p99 <= p99_ratio * base_p99),
         (f"memory growth after warm-up <= {memory_bound_mb:g} MB", growth <= memory_bound_mb),
         ("every swap done", bool(background.swaps) and len(done_swaps) == len(background.swaps)),
-        ("load sent on schedule (within 1 s)", behind <= 1.0),
+        (f"load sent on schedule (within {schedule_slack:g} s)", behind <= schedule_slack),
     ]
     for name, met in targets:
         typer.echo(f"{'PASS' if met else 'FAIL'}  {name}")

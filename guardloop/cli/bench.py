@@ -38,6 +38,8 @@ def bench_soak(
     swap_every: Annotated[float, typer.Option(min=0.5, help="seconds between two hot-swaps")] = 5,
     interval: Annotated[float, typer.Option(min=1, help="seconds per printed row")] = 5,
     memory_bound_mb: Annotated[float, typer.Option(help="largest memory growth after warm-up that passes")] = 50,
+    p99_ratio: Annotated[float, typer.Option(min=1, help="largest p99 with swaps, in baselines")] = 2,
+    schedule_slack: Annotated[float, typer.Option(min=0, help="seconds the load may fall behind and pass")] = 1,
     registry_dir: Annotated[Path | None, typer.Option(help="whose current model to run (default: settings)")] = None,
 ) -> None:
     """Steady load from a second process while models are hot-swapped and a reviewer labels: requests, errors,
@@ -52,6 +54,8 @@ def bench_soak(
         swap_every=swap_every,
         interval=interval,
         memory_bound_mb=memory_bound_mb,
+        p99_ratio=p99_ratio,
+        schedule_slack=schedule_slack,
     )
     if not met:
         raise typer.Exit(1)

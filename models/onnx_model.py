@@ -1,6 +1,17 @@
 """A published registry version loaded into ONNX Runtime: tokenize, run, turn logits into verdicts.
 
 Torch-free on purpose: the serving image carries ONNX Runtime and tokenizers only.
+
+Batch independence: a guard's verdict must depend on the text, not on the texts that share its forward pass.
+Two things could make a row's output depend on its batch-mates, and both are removed by construction:
+- Padding: a text runs padded to `padded_length(its own token count)` (a multiple of PAD_MULTIPLE), never to the
+  longest batch-mate. `predict_proba` runs one session call per padded length, so a text always runs at the same
+  shape [rows, padded_length], alone or not; only the number of rows varies, and every op of the exported models
+  (int8 MatMuls with fixed scales, LayerNorm, softmax over a row, GELU) computes each row from that row alone.
+- Dynamic int8 quantization (DynamicQuantizeLinear): it picks one activation scale for the whole batch tensor, so
+  a row's scores move with its batch-mates (0.369-0.484 self-harm for one text). Models with that op (registry
+  versions exported before static int8 became the default) run one text per session call instead: slower in
+  batches, but the same scores as alone.
 """
 
 from __future__ import annotations
@@ -8,9 +19,11 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import mmap
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import onnxruntime as ort
@@ -19,6 +32,11 @@ from tokenizers import Tokenizer
 from guardloop.core.labels import LABELS, SAFE_LABEL
 
 _LOG_N_LABELS = math.log(len(LABELS))
+# A text runs padded to its token count rounded up to this: few distinct shapes (so batch-mates of similar length
+# share one session call) and at most 7 pad tokens of wasted work per text.
+PAD_MULTIPLE = 8
+# The op whose activation scale is computed over the whole batch tensor (see the module docstring).
+_BATCH_DEPENDENT_OP = b"DynamicQuantizeLinear"
 
 
 class ModelLoadError(Exception):
@@ -86,8 +104,9 @@ class OnnxClassifier:
             except Exception as exc:
                 raise ModelLoadError(f"{model_dir}/tokenizer.json: unreadable ({exc})") from exc
             self.tokenizer.enable_truncation(max_length=max_seq_len)
-            pad_id = self.tokenizer.token_to_id("[PAD]")
-            self.tokenizer.enable_padding(pad_id=0 if pad_id is None else pad_id, pad_token="[PAD]")
+            self.tokenizer.no_padding()  # each text is padded to its own bucket in `_run`, not to its batch-mates
+        pad_id = self.tokenizer.token_to_id("[PAD]")
+        self._pad_id = 0 if pad_id is None else pad_id
 
         options = ort.SessionOptions()
         options.intra_op_num_threads = threads
@@ -100,16 +119,40 @@ class OnnxClassifier:
         except Exception as exc:  # onnxruntime raises its own untyped errors for corrupt files
             raise ModelLoadError(f"{model_dir}/{model_file}: cannot load ({exc})") from exc
         self._input_names = {i.name for i in self.session.get_inputs()}
+        # False for dynamic int8 graphs: each text then gets a session call of its own (see the module docstring).
+        self.batches_rows_together = not _has_op(model_dir / model_file, _BATCH_DEPENDENT_OP)
 
     def logits(self, texts: list[str]) -> np.ndarray:
-        """Raw logits, columns in LABELS order."""
+        """Raw logits, columns in LABELS order; each row is the same as the text's logits when run alone."""
         encodings = self.tokenizer.encode_batch(texts)
-        feeds = {
-            "input_ids": np.array([e.ids for e in encodings], dtype=np.int64),
-            "attention_mask": np.array([e.attention_mask for e in encodings], dtype=np.int64),
-        }
+        out = np.zeros((len(texts), len(LABELS)), dtype=np.float32)
+        for rows in self._session_groups([len(e.ids) for e in encodings]):
+            out[rows] = self._run([encodings[i] for i in rows])
+        return out
+
+    def _session_groups(self, n_tokens: Sequence[int]) -> list[list[int]]:
+        """Row indices run together: texts of one padded length (or one text each for a dynamic int8 graph)."""
+        if not self.batches_rows_together:
+            return [[i] for i in range(len(n_tokens))]
+        groups: dict[int, list[int]] = {}
+        for i, n in enumerate(n_tokens):
+            groups.setdefault(padded_length(n, self.max_seq_len), []).append(i)
+        return list(groups.values())
+
+    def _run(self, encodings: Sequence[Any]) -> np.ndarray:
+        """One session call for texts of one padded length, each padded to its own bucket (they all share it)."""
+        width = padded_length(max(len(e.ids) for e in encodings), self.max_seq_len)
+        input_ids = np.full((len(encodings), width), self._pad_id, dtype=np.int64)
+        attention_mask = np.zeros((len(encodings), width), dtype=np.int64)
+        token_type_ids = np.zeros((len(encodings), width), dtype=np.int64)
+        for row, encoding in enumerate(encodings):
+            n = len(encoding.ids)
+            input_ids[row, :n] = encoding.ids
+            attention_mask[row, :n] = encoding.attention_mask
+            token_type_ids[row, :n] = encoding.type_ids
+        feeds = {"input_ids": input_ids, "attention_mask": attention_mask}
         if "token_type_ids" in self._input_names:
-            feeds["token_type_ids"] = np.array([e.type_ids for e in encodings], dtype=np.int64)
+            feeds["token_type_ids"] = token_type_ids
         (out,) = self.session.run(["logits"], feeds)
         if out.shape[1:] != self._reorder.shape:  # a wider output would be cut to six columns without a word
             raise ValueError(f"output of shape {out.shape}, expected (batch, {len(self._reorder)}): one per label")
@@ -122,7 +165,10 @@ class OnnxClassifier:
         return exp / exp.sum(axis=1, keepdims=True)
 
     def predict_many(self, texts: Sequence[str], batch_size: int = 64) -> np.ndarray:
-        """Probabilities for any number of texts, in their order, run in batches of similar length (little padding)."""
+        """Probabilities for any number of texts, in their order, in batches of similar length (few session calls).
+
+        Row for row the same as `predict_proba` on each text alone: batching here only saves time.
+        """
         probs = np.zeros((len(texts), len(LABELS)), dtype=np.float32)
         for rows in length_ordered_batches(texts, batch_size):
             probs[rows] = self.predict_proba([texts[i] for i in rows])
@@ -167,6 +213,18 @@ class OnnxClassifier:
             raise ModelLoadError(f"{self.model_dir}: warm-up failed ({exc})") from exc
         if probs.shape != (2, len(LABELS)) or not np.isfinite(probs).all():
             raise ModelLoadError(f"{self.model_dir}: warm-up gave unusable output of shape {probs.shape}")
+
+
+def padded_length(n_tokens: int, max_seq_len: int) -> int:
+    """The sequence length a text of `n_tokens` tokens always runs at: decided by the text alone."""
+    return min(max_seq_len, -(-max(n_tokens, 1) // PAD_MULTIPLE) * PAD_MULTIPLE)
+
+
+def _has_op(model_file: Path, op_type: bytes) -> bool:
+    """Whether the ONNX file names `op_type`: protobuf stores node op types as plain strings, so a byte search
+    answers without the `onnx` package (not in the serving image). A false positive only costs speed."""
+    with model_file.open("rb") as handle, mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ) as data:
+        return data.find(op_type) != -1
 
 
 def length_ordered_batches(texts: Sequence[str], batch_size: int) -> list[np.ndarray]:

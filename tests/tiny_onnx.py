@@ -175,3 +175,36 @@ def publish_dir(registry: ModelRegistry, staging: Path, *, make_current: bool = 
     )
     registry.publish(staging, card, make_current=make_current)
     return version
+
+
+def write_exported_model(out_dir: Path, *, quantization: str | None = None, seed: int = 0) -> Path:
+    """A tiny random BERT (2 layers, hidden 64) with the student's tokenizer, put through the real export path
+    (optimum ONNX export, then `quantization`: the export default when None) and calibrated on the seed texts.
+
+    Unlike the graphs above it has everything that can make a row depend on its batch-mates: attention over
+    padded positions, LayerNorm, and int8 MatMuls (dynamic or static scales). Takes ~10 s: use in slow tests.
+    """
+    import torch
+    from guardloop.trainer.export import QUANTIZATION, export_onnx
+    from guardloop.trainer.finetune import FineTuneResult
+    from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification
+
+    from guardloop.core.seed import SEED_TRAIN
+
+    torch.manual_seed(seed)
+    config = BertConfig(
+        vocab_size=VOCAB,
+        hidden_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=128,
+        max_position_embeddings=128,
+        num_labels=len(LABELS),
+        initializer_range=0.2,  # large enough that the scores are far from uniform and differences show
+    )
+    model = BertForSequenceClassification(config).eval()
+    tokenizer = AutoTokenizer.from_pretrained(minilm_dir())
+    texts = [json.loads(line)["text"] for line in SEED_TRAIN.read_text(encoding="utf-8").splitlines() if line]
+    result = FineTuneResult(model=model, tokenizer=tokenizer, best_epoch=0, dev_report=None)
+    export_onnx(result, out_dir, quantization=quantization or QUANTIZATION, calibration_texts=texts)
+    return out_dir

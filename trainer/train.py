@@ -12,7 +12,7 @@ from typing import Any
 
 from guardloop.models.registry import ModelCard, ModelRegistry
 from guardloop.trainer import base_models
-from guardloop.trainer.export import QUANTIZATION, export_onnx, onnx_agreement
+from guardloop.trainer.export import export_onnx, onnx_agreement
 from guardloop.trainer.finetune import FineTuneConfig, TrainingExample, fine_tune, predict_proba
 
 from guardloop.core.datafiles import Example
@@ -88,7 +88,14 @@ def train_model(job: TrainJob, work_dir: Path) -> tuple[Path, ModelCard]:
     result = fine_tune(base_models.minilm_dir(), examples, dev_pairs, job.config, progress=job.progress)
 
     staging = work_dir / "staging"
-    export_onnx(result, staging, quantize=job.quantize)
+    # Static int8 scales are calibrated on (a seeded sample of) the training texts.
+    quantization = export_onnx(
+        result,
+        staging,
+        quantize=job.quantize,
+        calibration_texts=[ex.text for ex in job.train],
+        max_seq_len=job.config.max_seq_len,
+    )
     metrics: dict[str, Any] = {"dev": result.dev_report, "best_epoch": result.best_epoch, "history": result.history}
     # Dev plus some training texts: a small dev set alone makes the agreement rate too noisy to judge by.
     check_pairs = (dev_pairs or []) + [(ex.text, ex.label) for ex in job.train[:: max(1, len(job.train) // 300)]]
@@ -114,8 +121,9 @@ def train_model(job: TrainJob, work_dir: Path) -> tuple[Path, ModelCard]:
             "label_counts": label_counts,
             "seconds": round(result.seconds, 1),
             **distill_info,
+            "quantization": quantization,
         },
-        quantization=QUANTIZATION if job.quantize else None,
+        quantization=quantization["mode"],
     )
     return staging, card
 

@@ -2,13 +2,14 @@
 
 Why per-client queues: one FIFO let a caller with 64 texts of 4,000 characters fill every batch ahead of a
 one-text caller (p50 5 ms -> 2 s). Each client (an API key's name, else the client address) gets its own FIFO of
-texts, and a batch is formed round-robin across the clients with pending texts, one text per turn: a request's
-texts are thereby split into chunks that share batches with everyone else's.
+texts, and batches are formed in start-time fair order across clients (each client gets an equal share of the
+tokens, one text at a time): a request's texts are thereby split into chunks that share batches with everyone
+else's.
 
 Why admission by work: counting requests treats a 64 x 4,000-character request like a one-word one. Every text
 costs an estimate of the tokens the model will read; a request is refused at once (503 + Retry-After) when the
 work that must drain before its last text is answered exceeds a bound, instead of waiting seconds in a queue.
-Under round-robin that work is the request's own work plus, from every other client, as much as that client
+Under fair sharing that work is the request's own work plus, from every other client, as much as that client
 has pending up to the same amount: a one-text caller is admitted beside two flooding clients, a third flood is
 not. A request that finds the queue empty is always admitted (the bound must never refuse the largest legal
 request on an idle service).
@@ -18,7 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import math
-from collections import OrderedDict, deque
+from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -54,17 +55,30 @@ class Pending:
     tokens: int
     client: str
     future: asyncio.Future[Any] = field(repr=False)
+    start: float = 0.0  # virtual start tag, set by FairQueue.put
+    sequence: int = 0  # arrival order, breaks ties between equal tags
 
 
 class FairQueue:
-    """Per-client FIFOs served round-robin, with the pending work counted per client and in total.
+    """Per-client FIFOs served in start-time fair order, with the pending work counted per client and in total.
 
-    Only the event loop touches it, so it needs no lock.
+    Each text gets a virtual start tag: its client's previous finish tag, or the queue's virtual time (the tag of
+    the text last taken) if that is later; its finish tag adds its tokens. Texts are taken by smallest start tag,
+    so a 64-text request spreads its texts over virtual time, and a caller that was idle starts at "now": its text
+    goes into the next batch, ahead of the flood's remaining texts.
+
+    Short and long texts (more than `long_tokens`) never share a batch: a one-line text would otherwise be padded
+    to the length of a 4,000-character batch-mate and wait as long as it. Only the event loop touches the queue,
+    so it needs no lock.
     """
 
-    def __init__(self) -> None:
-        self._clients: OrderedDict[str, deque[Pending]] = OrderedDict()  # round-robin order: front is next
+    def __init__(self, long_tokens: int = 64) -> None:
+        self.long_tokens = long_tokens
+        self._clients: dict[str, deque[Pending]] = {}
         self._work: dict[str, int] = {}
+        self._finish: dict[str, float] = {}  # client -> finish tag of its last queued text
+        self._virtual = 0.0
+        self._sequence = 0
         self.total_tokens = 0
         self.total_texts = 0
 
@@ -72,47 +86,55 @@ class FairQueue:
         return self.total_texts
 
     def work_ahead(self, client: str, tokens: int) -> int:
-        """Tokens that drain before the last of `tokens` more from `client` is served (round-robin estimate)."""
+        """Tokens that drain before the last of `tokens` more from `client` is served (fair-share estimate)."""
         mine = self._work.get(client, 0) + tokens
         return mine + sum(min(work, mine) for other, work in self._work.items() if other != client)
 
     def put(self, items: list[Pending]) -> None:
         for item in items:
+            start = max(self._virtual, self._finish.get(item.client, 0.0))
+            item.start, item.sequence = start, self._sequence
+            self._sequence += 1
+            self._finish[item.client] = start + item.tokens
             self._clients.setdefault(item.client, deque()).append(item)
             self._work[item.client] = self._work.get(item.client, 0) + item.tokens
             self.total_tokens += item.tokens
             self.total_texts += 1
 
-    def _pop_front(self) -> Pending:
-        client, items = next(iter(self._clients.items()))
+    def _next_client(self) -> str:
+        return min(
+            self._clients, key=lambda client: (self._clients[client][0].start, self._clients[client][0].sequence)
+        )
+
+    def _pop(self, client: str) -> Pending:
+        items = self._clients[client]
         item = items.popleft()
-        if items:
-            self._clients.move_to_end(client)  # its turn is over: the next client goes first
-        else:
+        if not items:
             del self._clients[client]
+            del self._finish[client]  # an idle client starts again at the virtual time
         self._work[client] -= item.tokens
         if not self._work[client]:
             del self._work[client]
         self.total_tokens -= item.tokens
         self.total_texts -= 1
+        self._virtual = max(self._virtual, item.start)
         return item
 
-    def _front(self) -> Pending:
-        return next(iter(self._clients.values()))[0]
-
     def take_batch(self, max_texts: int, max_tokens: int) -> list[Pending]:
-        """Up to `max_texts` texts, round-robin across clients, whose padded size (texts x longest) stays within
-        `max_tokens`; the first text is always taken. Texts whose caller gave up are dropped on the way."""
+        """Up to `max_texts` texts in fair order, all short or all long, whose padded size (texts x longest) stays
+        within `max_tokens`; the first text is always taken. Texts whose caller gave up are dropped on the way."""
         batch: list[Pending] = []
         longest = 0
         while self._clients and len(batch) < max_texts:
-            item = self._front()
+            client = self._next_client()
+            item = self._clients[client][0]
             if item.future.done():  # the caller went away (cancelled): no forward pass for it
-                self._pop_front()
+                self._pop(client)
                 continue
-            padded = (len(batch) + 1) * max(longest, item.tokens)
-            if batch and padded > max_tokens:
-                break  # this client stays at the front: its text opens the next batch
-            batch.append(self._pop_front())
+            if batch:
+                other_kind = (item.tokens > self.long_tokens) != (batch[0].tokens > self.long_tokens)
+                if other_kind or (len(batch) + 1) * max(longest, item.tokens) > max_tokens:
+                    break  # this text has the smallest tag left: it opens the next batch
+            batch.append(self._pop(client))
             longest = max(longest, item.tokens)
         return batch

@@ -1,7 +1,7 @@
 """Micro-batching: concurrent requests share one forward pass, fairly, and one bad text fails only its request.
 
-A batch holds at most `max_size` texts and `max_tokens` padded tokens, formed round-robin across clients
-(service/admission.py), so a lone request pays almost nothing, a burst runs in a few large (much cheaper per text)
+A batch holds at most `max_size` texts and `max_tokens` padded tokens, formed in fair order across clients, short
+and long texts apart (service/admission.py): a lone request pays almost nothing, a burst runs in a few large
 passes, and a caller with many long texts shares the batches instead of filling them. Each text waits at most
 `max_wait` for others to join. When a forward pass raises, its texts are re-run one by one and only those that
 fail alone fail (TextRejected): batch-mates of a malformed text never see its error.
@@ -92,7 +92,7 @@ class MicroBatcher:
         self._max_seq_len = max_seq_len
         self._workers = workers
         self._on_batch = on_batch
-        self._queue = FairQueue()
+        self._queue = FairQueue(long_tokens=max_seq_len // 2)
         self._arrived: asyncio.Event | None = None  # created in start(): it belongs to the running loop
         self._executor = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="inference")
         self._tasks: list[asyncio.Task[None]] = []

@@ -1,4 +1,4 @@
-"""The micro-batcher on its own: size and token caps, merging, the bounded wait, round-robin fairness, failure
+"""The micro-batcher on its own: size and token caps, merging, the bounded wait, fair order across clients, failure
 isolation, admission by work, and one model version per request across a hot-swap.
 
 Deterministic: the fake classifier records every forward pass and can hold one on a threading.Event, so a test
@@ -8,18 +8,27 @@ decides what is queued while a batch runs; waiting is done on events and loop tu
 from __future__ import annotations
 
 import asyncio
+import json
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
+import httpx
 import numpy as np
 import pytest
+import uvicorn
+from fastapi import FastAPI
+from fastapi.testclient import TestClient
 from guardloop.service.admission import FairQueue, Overloaded, Pending, estimate_tokens
+from guardloop.service.app import create_app
 from guardloop.service.batcher import MicroBatcher, NoModelLoaded, TextRejected
 
 from guardloop.core.labels import LABELS
-
-pytestmark = pytest.mark.anyio
+from guardloop.core.settings import Settings
+from tests.conftest import ADMIN_TOKEN, free_port, wait_for
+from tests.tiny_onnx import publish_tiny
 
 FAIL = "<fail>"  # a text the fake model cannot classify, alone or in a batch
 
@@ -90,6 +99,7 @@ async def stopped(batcher: MicroBatcher, *models: FakeModel) -> None:
 
 
 # ------------------------------------------------------------------ size cap, merging, the bounded wait
+@pytest.mark.anyio
 async def test_concurrent_requests_merge_into_batches_of_at_most_max_size():
     model = FakeModel(FakeClassifier(), "v1")
     batcher, _ = batcher_for(model, max_size=4)
@@ -103,6 +113,7 @@ async def test_concurrent_requests_merge_into_batches_of_at_most_max_size():
     assert all(probs.shape == (1, len(LABELS)) for probs, _ in answers)
 
 
+@pytest.mark.anyio
 async def test_a_batch_is_capped_by_padded_tokens():
     model = FakeModel(FakeClassifier(), "v1")
     long = "x" * 4000  # 128 tokens, the model's limit
@@ -115,6 +126,7 @@ async def test_a_batch_is_capped_by_padded_tokens():
     assert [len(batch) for batch in model.classifier.batches] == [3, 3, 1]
 
 
+@pytest.mark.anyio
 async def test_without_a_wait_a_lone_request_runs_at_once():
     model = FakeModel(FakeClassifier(hold=True), "v1")
     batcher, _ = batcher_for(model, max_size=8, max_wait_ms=0)
@@ -130,6 +142,7 @@ async def test_without_a_wait_a_lone_request_runs_at_once():
     assert model.classifier.batches == [["first"], ["second"]]
 
 
+@pytest.mark.anyio
 async def test_within_the_wait_later_texts_join_and_a_full_batch_does_not_wait():
     model = FakeModel(FakeClassifier(), "v1")
     batcher, _ = batcher_for(model, max_size=3, max_wait_ms=600_000)  # a wait no test would sit out
@@ -147,6 +160,7 @@ async def test_within_the_wait_later_texts_join_and_a_full_batch_does_not_wait()
 
 
 # ------------------------------------------------------------------ fairness
+@pytest.mark.anyio
 async def test_one_text_callers_share_the_first_batch_with_a_64_text_request():
     model = FakeModel(FakeClassifier(), "v1")
     batcher, _ = batcher_for(model, max_size=8)
@@ -162,6 +176,7 @@ async def test_one_text_callers_share_the_first_batch_with_a_64_text_request():
     assert sum(len(batch) for batch in model.classifier.batches) == 67
 
 
+@pytest.mark.anyio
 async def test_callers_arriving_while_a_flood_runs_go_into_the_next_batch():
     model = FakeModel(FakeClassifier(hold=True), "v1")
     batcher, _ = batcher_for(model, max_size=4)
@@ -179,6 +194,7 @@ async def test_callers_arriving_while_a_flood_runs_go_into_the_next_batch():
     assert "light" in model.classifier.batches[1]
 
 
+@pytest.mark.anyio
 async def test_the_fair_queue_takes_one_text_per_client_per_turn():
     loop = asyncio.get_running_loop()
     queue = FairQueue()
@@ -190,7 +206,28 @@ async def test_the_fair_queue_takes_one_text_per_client_per_turn():
     assert queue.total_tokens == 0 and len(queue) == 0
 
 
+@pytest.mark.anyio
+async def test_a_one_line_text_is_never_padded_to_a_long_flood_and_goes_first():
+    model = FakeModel(FakeClassifier(hold=True), "v1")
+    long = "x" * 4000
+    batcher, _ = batcher_for(model, max_size=32, max_tokens=2 * 128)
+    await started(batcher)
+    try:
+        flood = [asyncio.ensure_future(batcher.predict([long] * 16, f"heavy-{i}")) for i in range(2)]
+        await entered(model.classifier)  # two long texts run; 30 wait
+        light = asyncio.ensure_future(batcher.predict(["hello"], "light"))
+        await wait_until(lambda: len(batcher._queue) == 31)
+        model.classifier.hold = False
+        model.classifier.release.set()
+        await asyncio.gather(*flood, light)
+    finally:
+        await stopped(batcher, model)
+    assert model.classifier.batches[1] == ["hello"]  # next, and alone: not padded to 128 tokens beside a long text
+    assert all(len(batch) == 2 for batch in model.classifier.batches[2:])
+
+
 # ------------------------------------------------------------------ failure isolation
+@pytest.mark.anyio
 async def test_a_failing_text_fails_only_its_own_request():
     model = FakeModel(FakeClassifier(), "v1")
     batcher, _ = batcher_for(model, max_size=16)
@@ -210,6 +247,7 @@ async def test_a_failing_text_fails_only_its_own_request():
     assert len(model.classifier.batches[0]) == 5  # they did share the failing batch
 
 
+@pytest.mark.anyio
 async def test_when_every_text_fails_alone_the_model_error_is_raised_not_a_rejection():
     class Broken(FakeClassifier):
         def predict_proba(self, texts: list[str]) -> np.ndarray:
@@ -225,6 +263,7 @@ async def test_when_every_text_fails_alone_the_model_error_is_raised_not_a_rejec
 
 
 # ------------------------------------------------------------------ admission by work
+@pytest.mark.anyio
 async def test_work_past_the_bound_is_refused_at_once_with_a_retry_time():
     model = FakeModel(FakeClassifier(hold=True), "v1")
     long = "x" * 4000  # 128 tokens each
@@ -250,6 +289,7 @@ async def test_work_past_the_bound_is_refused_at_once_with_a_retry_time():
     assert batcher.pending_tokens == 0
 
 
+@pytest.mark.anyio
 async def test_an_idle_service_admits_a_request_larger_than_the_bound():
     model = FakeModel(FakeClassifier(), "v1")
     batcher, _ = batcher_for(model, max_queue_tokens=10)
@@ -261,6 +301,7 @@ async def test_an_idle_service_admits_a_request_larger_than_the_bound():
     assert probs.shape == (3, len(LABELS))
 
 
+@pytest.mark.anyio
 async def test_no_model_is_refused_before_queueing():
     batcher, _ = batcher_for(None)
     await started(batcher)
@@ -273,6 +314,7 @@ async def test_no_model_is_refused_before_queueing():
 
 
 # ------------------------------------------------------------------ hot-swap
+@pytest.mark.anyio
 async def test_a_request_split_across_a_swap_is_answered_wholly_by_the_newest_model():
     old = FakeModel(FakeClassifier(value=1.0, hold=True), "old")
     new = FakeModel(FakeClassifier(value=2.0), "new")
@@ -288,3 +330,128 @@ async def test_a_request_split_across_a_swap_is_answered_wholly_by_the_newest_mo
         await stopped(batcher, old)
     assert model is new and probs[:, 0].tolist() == [2.0, 2.0, 2.0]
     assert new.classifier.batches == [["c"], ["a", "b", "c"]]  # the rest, then the whole request again
+
+
+# ------------------------------------------------------------------ through the service
+MARKER = "zzfailzz"  # the served model is made to fail on texts containing this
+
+
+@contextmanager
+def served(settings: Settings) -> Iterator[tuple[str, FastAPI]]:
+    """The real app under uvicorn on loopback; yields its URL and the app (to reach its model and batcher)."""
+    app = create_app(settings)
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=free_port(), log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    assert wait_for(lambda: server.started or not thread.is_alive(), timeout=60) and server.started
+    try:
+        yield f"http://127.0.0.1:{server.config.port}", app
+    finally:
+        server.should_exit = True
+        thread.join(timeout=15)
+
+
+def failing_on_marker(app: FastAPI, hold: threading.Event | None = None) -> list[list[str]]:
+    """Make the served classifier raise on MARKER (and wait on `hold`); returns the batches it is given."""
+    classifier = app.state.holder.current.classifier
+    original = classifier.predict_proba
+    batches: list[list[str]] = []
+
+    def predict_proba(texts: list[str]) -> np.ndarray:
+        batches.append(list(texts))
+        if hold is not None:
+            assert hold.wait(30)
+        if any(MARKER in text for text in texts):
+            raise ValueError("the tokenizer cannot encode this text")
+        return original(texts)
+
+    classifier.predict_proba = predict_proba
+    return batches
+
+
+@pytest.fixture
+def tiny_model(registry, tmp_path) -> str:
+    return publish_tiny(registry, tmp_path, seed=3)
+
+
+def test_malformed_texts_among_concurrent_good_ones_fail_alone_with_a_4xx(settings, tiny_model, caplog):
+    # A bounded wait makes concurrent requests share batches, so failing texts do meet good ones.
+    configured = Settings(**(settings.model_dump() | {"batch_max_wait_ms": 100, "pool_enabled": False}))
+    hostile_bodies = [json.dumps({"text": f"{MARKER} number {n}"}).encode() for n in range(10)] + [
+        b'{"text": "lone \\ud800 surrogate"}',
+        b'{"text": "unterminated',
+    ]
+    with served(configured) as (url, app):
+        batches = failing_on_marker(app)
+
+        def good(n: int) -> list[int]:
+            with httpx.Client(base_url=url, timeout=60) as client:
+                return [
+                    client.post("/classify", json={"texts": [f"hello {n} {i}", "how are you"]}).status_code
+                    for i in range(12)
+                ]
+
+        def hostile() -> list[httpx.Response]:
+            with httpx.Client(base_url=url, timeout=60) as client:
+                headers = {"Content-Type": "application/json"}
+                return [client.post("/classify", content=body, headers=headers) for body in hostile_bodies]
+
+        with ThreadPoolExecutor(6) as pool:
+            good_runs = [pool.submit(good, n) for n in range(4)]
+            hostile_runs = [pool.submit(hostile) for _ in range(2)]
+            good_statuses = [status for run in good_runs for status in run.result()]
+            refused = [response for run in hostile_runs for response in run.result()]
+    assert good_statuses == [200] * 48
+    assert all(400 <= r.status_code < 500 and r.json()["detail"] for r in refused), [r.text for r in refused]
+    marker_refusals = [r for r in refused if r.status_code == 422 and "could not be classified" in r.json()["detail"]]
+    assert len(marker_refusals) == 20
+    shared = [batch for batch in batches if len(batch) > 1 and any(MARKER in text for text in batch)]
+    assert shared, "no failing text shared a batch with others: the test proved nothing"
+    assert not [record for record in caplog.records if record.exc_info], "a traceback was logged"
+
+
+def test_work_past_the_bound_gets_503_with_retry_after_at_once(settings, tiny_model):
+    configured = Settings(**(settings.model_dump() | {"queue_max_tokens": 300, "pool_enabled": False}))
+    long = "word " * 800
+    hold = threading.Event()
+    with served(configured) as (url, app), ThreadPoolExecutor(2) as pool:
+        batches = failing_on_marker(app, hold)
+        try:
+            running = pool.submit(httpx.post, f"{url}/classify", json={"text": long}, timeout=60)
+            assert wait_for(lambda: len(batches) == 1)  # in a forward pass, held
+            queued = pool.submit(httpx.post, f"{url}/classify", json={"texts": [long, long]}, timeout=60)
+            assert wait_for(lambda: app.state.batcher.pending_tokens == 256)
+            refused = httpx.post(f"{url}/classify", json={"texts": [long] * 2}, timeout=60)
+        finally:
+            hold.set()
+        assert running.result().status_code == 200 and queued.result().status_code == 200
+    assert refused.status_code == 503 and int(refused.headers["retry-after"]) >= 1
+    assert "the service is busy" in refused.json()["detail"] and "retry after" in refused.json()["detail"]
+
+
+def test_a_client_past_its_tokens_per_second_gets_429_with_retry_after(settings, tiny_model):
+    configured = Settings(**(settings.model_dump() | {"rate_limit_classify_tokens_per_client": "300/minute"}))
+    with (
+        TestClient(create_app(configured), client=("127.0.0.1", 50000)) as client,
+        TestClient(create_app(configured), client=("127.0.0.9", 50000)) as neighbour,
+    ):
+        assert client.post("/classify", json={"texts": ["x" * 4000] * 2}).status_code == 200  # 256 of 300
+        refused = client.post("/classify", json={"texts": ["x" * 4000] * 2})
+        assert refused.status_code == 429 and int(refused.headers["retry-after"]) >= 1
+        assert "too much text from this client" in refused.json()["detail"] and "300/minute" in refused.json()["detail"]
+        assert neighbour.post("/classify", json={"texts": ["x" * 4000] * 2}).status_code == 200
+
+
+def test_failed_authentications_are_limited_per_address(settings, tiny_model):
+    configured = Settings(**(settings.model_dump() | {"rate_limit_auth_failures_per_ip": "3/minute"}))
+    app = create_app(configured)
+    wrong = {"Authorization": "Bearer wrong-token"}
+    right = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
+    with TestClient(app, client=("127.0.0.1", 50000)) as client, TestClient(app, client=("127.0.0.2", 50000)) as other:
+        assert [client.post("/admin/reload", headers=wrong).status_code for _ in range(3)] == [403] * 3
+        refused = client.post("/admin/reload", headers=right)  # even the right token waits now
+        assert refused.status_code == 429 and int(refused.headers["retry-after"]) == 20
+        assert "failed authentications" in refused.json()["detail"]
+        assert client.get("/review/queue", headers=wrong).status_code == 429  # reviewer routes count too
+        assert client.post("/classify", json={"text": "hi"}).status_code == 200  # classify is not affected
+        assert other.get("/admin/pool", headers=right).status_code == 200  # another address is not

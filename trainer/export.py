@@ -77,7 +77,7 @@ def quantize_static_int8(
     """QDQ int8 with fixed activation scales: u8 activations, s8 per-channel weights (the VNNI-friendly pair).
 
     Only MatMuls with a weight matrix are quantized (MatMulConstBOnly): the attention MatMuls (Q.K and
-    softmax.V) stay fp32, as dynamic quantization also left them. Each calibration text runs alone and unpadded,
+    softmax.V) stay fp32, as dynamic quantization also left them. Calibration texts run unpadded (grouped by length),
     so pad positions (never read by real tokens) do not stretch the ranges.
     """
     from onnxruntime.quantization import (
@@ -129,6 +129,36 @@ def quantize_static_int8(
     )
 
 
+def quantize_onnx(
+    onnx_dir: Path,
+    out_file: Path,
+    quantization: str,
+    *,
+    calibration_texts: Sequence[str] = (),
+    calibration: Calibration | None = None,
+    max_seq_len: int = 64,
+) -> dict[str, Any]:
+    """Quantize `onnx_dir`/model.onnx (fp32, from optimum) into `out_file`; returns what the card records."""
+    if quantization not in (STATIC, DYNAMIC):
+        raise ValueError(f"unknown quantization {quantization!r}; use {STATIC!r} or {DYNAMIC!r}")
+    out_file.parent.mkdir(parents=True, exist_ok=True)
+    if quantization == STATIC:
+        calibration = calibration or Calibration()
+        sample = calibration_sample(calibration_texts, calibration)
+        quantize_static_int8(
+            onnx_dir / "model.onnx", out_file, onnx_dir / "tokenizer.json", sample, max_seq_len, calibration
+        )
+        return {"mode": STATIC, "calibration": {**asdict(calibration), "texts": len(sample)}}
+    from optimum.onnxruntime import ORTQuantizer
+    from optimum.onnxruntime.configuration import AutoQuantizationConfig
+
+    with tempfile.TemporaryDirectory(prefix="guardloop-quantize-") as tmp:
+        quantizer = ORTQuantizer.from_pretrained(onnx_dir, file_name="model.onnx")
+        quantizer.quantize(save_dir=Path(tmp), quantization_config=quantization_config(AutoQuantizationConfig))
+        shutil.copyfile(Path(tmp, "model_quantized.onnx"), out_file)
+    return {"mode": DYNAMIC}
+
+
 def export_onnx(
     result: FineTuneResult,
     staging_dir: Path,
@@ -138,44 +168,31 @@ def export_onnx(
     calibration_texts: Sequence[str] = (),
     calibration: Calibration | None = None,
     max_seq_len: int = 64,
-    keep_fp32: Path | None = None,
 ) -> dict[str, Any]:
     """Write model.onnx, tokenizer.json and labels.json into `staging_dir`; returns what the card records.
 
-    `calibration_texts` (the training texts) are sampled for static int8; `keep_fp32` also saves the unquantized
-    ONNX file there, for comparing variants of the same weights.
+    `calibration_texts` (the training texts) are sampled for static int8 scales.
     """
     from optimum.exporters.onnx import main_export
 
-    if quantize and quantization not in (STATIC, DYNAMIC):
-        raise ValueError(f"unknown quantization {quantization!r}; use {STATIC!r} or {DYNAMIC!r}")
-    calibration = calibration or Calibration()
     staging_dir.mkdir(parents=True, exist_ok=True)
-    info: dict[str, Any] = {"mode": quantization if quantize else None}
+    info: dict[str, Any] = {"mode": None}
     with tempfile.TemporaryDirectory(prefix="guardloop-export-") as tmp:
-        hf_dir, onnx_dir, quant_dir = Path(tmp, "hf"), Path(tmp, "onnx"), Path(tmp, "quant")
+        hf_dir, onnx_dir = Path(tmp, "hf"), Path(tmp, "onnx")
         result.model.save_pretrained(hf_dir, safe_serialization=True)
         result.tokenizer.save_pretrained(hf_dir)
         main_export(str(hf_dir), output=onnx_dir, task="text-classification", device="cpu", do_validation=False)
-        model_file = onnx_dir / "model.onnx"
-        if keep_fp32 is not None:
-            shutil.copyfile(model_file, keep_fp32)
-        if quantize and quantization == STATIC:
-            sample = calibration_sample(calibration_texts, calibration)
-            model_file = quant_dir / "model.onnx"
-            quant_dir.mkdir()
-            quantize_static_int8(
-                onnx_dir / "model.onnx", model_file, onnx_dir / "tokenizer.json", sample, max_seq_len, calibration
+        if quantize:
+            info = quantize_onnx(
+                onnx_dir,
+                staging_dir / "model.onnx",
+                quantization,
+                calibration_texts=calibration_texts,
+                calibration=calibration,
+                max_seq_len=max_seq_len,
             )
-            info["calibration"] = {**asdict(calibration), "texts": len(sample)}
-        elif quantize:
-            from optimum.onnxruntime import ORTQuantizer
-            from optimum.onnxruntime.configuration import AutoQuantizationConfig
-
-            quantizer = ORTQuantizer.from_pretrained(onnx_dir, file_name="model.onnx")
-            quantizer.quantize(save_dir=quant_dir, quantization_config=quantization_config(AutoQuantizationConfig))
-            model_file = quant_dir / "model_quantized.onnx"
-        shutil.copyfile(model_file, staging_dir / "model.onnx")
+        else:
+            shutil.copyfile(onnx_dir / "model.onnx", staging_dir / "model.onnx")
         shutil.copyfile(onnx_dir / "tokenizer.json", staging_dir / "tokenizer.json")
     (staging_dir / "labels.json").write_text(json.dumps(list(LABELS)), encoding="utf-8")
     return info

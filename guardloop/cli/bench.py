@@ -90,3 +90,53 @@ def bench_pool(
         seed=seed,
         settings=settings,
     )
+
+
+@bench_app.command("quantization")
+@friendly_errors
+def bench_quantization(
+    checkpoint: Annotated[Path, typer.Option(help="fine-tuned model saved with save_pretrained (torch weights)")],
+    data: Annotated[list[Path], typer.Option("--data", help="labeled file to measure on (repeatable)")],
+    calibration_data: Annotated[
+        list[Path], typer.Option("--calibration-data", help="the training files: static int8 calibrates on them")
+    ],
+    work_dir: Annotated[Path, typer.Option(help="where the exported variants are written (kept for reruns)")],
+    compare_calibrations: Annotated[
+        bool, typer.Option(help="several calibration settings (choose on a dev file, not the measuring one)")
+    ] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="also write the rows as JSON on stdout")] = False,
+) -> None:
+    """fp32, dynamic and static int8 from the same weights: macro-F1 per call and batched, agreement, batch drift,
+    latency and throughput on one thread."""
+    import json
+
+    from guardloop.core.datafiles import load_examples
+    from guardloop.core.errors import UserError
+
+    if not (checkpoint / "config.json").is_file():
+        raise UserError(f"--checkpoint {checkpoint}: no config.json; pass a directory written by save_pretrained")
+    examples = load_examples(data).examples
+    calibration_texts = [ex.text for ex in load_examples(calibration_data).examples]
+    # Heavy imports (torch via the export code) only after the inputs are checked.
+    from guardloop.bench.quantization import run_quantization_bench
+    from guardloop.trainer.export import Calibration
+
+    calibrations = {"minmax-300": Calibration()}
+    if compare_calibrations:
+        calibrations |= {
+            "minmax-100": Calibration(texts=100),
+            "minmax-all": Calibration(texts=len(calibration_texts)),
+            "minmax-movavg-300": Calibration(moving_average=True),
+        }
+    settings = load_settings()
+    rows = run_quantization_bench(
+        checkpoint,
+        examples,
+        calibration_texts,
+        work_dir,
+        calibrations=calibrations,
+        max_seq_len=settings.max_seq_len,  # as served
+        echo=lambda line: typer.echo(line, err=as_json),
+    )
+    if as_json:
+        typer.echo(json.dumps(rows))

@@ -1,0 +1,116 @@
+"""Whole cycles with the real embedded SmolLM2 server writing variations and the gate at its default settings.
+
+The current model is trained (for real) on three well-separated seed classes, financial-advice not among them,
+so it cannot recognise financial questions (three classes, not six: a model trained within a test's minutes is
+good enough to be compared fairly on them). The pool holds unlabeled financial questions. With an oracle that
+labels them correctly, the candidate learns the missing class and the default gate promotes it; with an oracle
+that labels them as emergencies, the candidate gets worse and the same gate rejects it, publishing nothing.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from guardloop.models.registry import ModelRegistry
+from guardloop.trainer.cycle import build_cycle_runner, train_bootstrap_model
+
+from guardloop.core.seed import SEED_DIR
+from guardloop.core.settings import Settings
+from guardloop.storage.cycles import PROMOTED, REJECTED
+from tests.test_cycle import fill_pool
+
+pytestmark = pytest.mark.slow
+torch.set_num_threads(1)  # the test machine's cores are shared (the LLM server takes its own one thread)
+
+MISSING = "financial-advice"
+KNOWN = ("not-harmful", "emergency-situation", "self-harm")
+EVAL_LABELS = (MISSING, "emergency-situation", "not-harmful")
+POOL_SIZE = 10
+
+
+def seed_rows(name: str) -> list[dict[str, str]]:
+    return [json.loads(line) for line in (SEED_DIR / name).read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+def write_jsonl(path: Path, rows: list[dict[str, str]]) -> Path:
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows), encoding="utf-8")
+    return path
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory: pytest.TempPathFactory) -> dict[str, object]:
+    """Files shared by both cycles, and a registry whose current model never saw a financial question."""
+    root = tmp_path_factory.mktemp("world")
+    train = seed_rows("train.jsonl")
+    base = write_jsonl(root / "base.jsonl", [row for row in train if row["label"] in KNOWN][::2])
+    pool = [row["text"] for row in train if row["label"] == MISSING][:POOL_SIZE]
+    gate_rows = [row for row in seed_rows("eval.jsonl") if row["label"] in EVAL_LABELS]
+    evaluation = write_jsonl(root / "eval.jsonl", gate_rows)
+    settings = world_settings(root, base, evaluation)
+    version = train_bootstrap_model(settings, ModelRegistry(settings.registry_dir), progress=False)
+    return {"root": root, "base": base, "eval": evaluation, "pool": pool, "current": version}
+
+
+def world_settings(root: Path, base: Path, evaluation: Path) -> Settings:
+    return Settings(
+        data_dir=root / "data",
+        registry_dir=root / "registry",
+        database_url=f"sqlite:///{root / 'data' / 'guardloop.db'}",
+        train_data=[base],
+        eval_data=evaluation,
+        cycle_budget=POOL_SIZE,
+        cycle_epochs=6,
+        cycle_label_deadline_hours=1,
+        llm_variations=2,
+        llm_max_tokens=96,
+        # gate_max_macro_f1_drop, gate_max_recall_drop, llm_consistency_threshold: the defaults
+    )
+
+
+def run_cycle(world: dict, tmp_path: Path, oracle_label: str):
+    settings = world_settings(tmp_path, world["base"], world["eval"])
+    assert settings.gate_max_macro_f1_drop == 0.01 and settings.gate_max_recall_drop == 0.05
+    shutil.copytree(world["root"] / "registry", settings.registry_dir)
+    (tmp_path / "data").mkdir()
+    oracle = tmp_path / "oracle.tsv"
+    oracle.write_text("text\tlabel\n" + "".join(f"{text}\t{oracle_label}\n" for text in world["pool"]), "utf-8")
+    runner = build_cycle_runner(settings, oracle=oracle)
+    fill_pool(runner.database, world["pool"])
+    return runner.run(), ModelRegistry(settings.registry_dir)
+
+
+def llm_answered(cycle) -> dict:
+    step = next(step for step in cycle.steps if step["step"] == "generate variations")
+    assert "error" not in step, step
+    assert step["items"] == POOL_SIZE and step["failed_items"] < POOL_SIZE, step
+    assert step["accepted"] + step["filtered"] > 0, step  # the real LLM wrote lines that were then judged
+    return step
+
+
+def test_a_candidate_that_learns_the_missing_class_is_promoted(world, tmp_path):
+    cycle, registry = run_cycle(world, tmp_path, MISSING)
+
+    assert cycle.status == PROMOTED, cycle.reason
+    llm_answered(cycle)
+    candidate, current = cycle.metrics["candidate"], cycle.metrics["current"]
+    assert current["per_class_recall"][MISSING] == 0.0  # the current model never learned the class
+    assert candidate["per_class_recall"][MISSING] >= 0.3
+    assert candidate["macro_f1"] > current["macro_f1"] + 0.05
+    assert f"macro-F1 {candidate['macro_f1']:.4f} vs current {current['macro_f1']:.4f}" in cycle.metrics["gate"]
+    assert registry.current() == cycle.model_version != world["current"]
+    assert registry.card(cycle.model_version).parent == world["current"]
+
+
+def test_a_candidate_taught_wrong_labels_is_rejected_and_nothing_is_published(world, tmp_path):
+    cycle, registry = run_cycle(world, tmp_path, "emergency-situation")  # financial questions called emergencies
+
+    assert cycle.status == REJECTED, (cycle.reason, cycle.metrics)
+    llm_answered(cycle)
+    candidate, current = cycle.metrics["candidate"], cycle.metrics["current"]
+    assert candidate["macro_f1"] < current["macro_f1"] - 0.01 or "recall" in cycle.reason
+    assert cycle.reason == cycle.metrics["gate"]
+    assert registry.current() == world["current"] and registry.versions() == [world["current"]]

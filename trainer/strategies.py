@@ -3,17 +3,23 @@
 In the spirit of small-text: small interchangeable classes behind one interface, each given the pool's
 embeddings and the current model's probabilities, each returning `budget` indices with the reason it
 picked them. `cluster` is the method of Hassan et al. (2024): k-means into K clusters, then the most
-uncertain items of each, so acquisitions spread over the pool's topics (and its rare classes).
+uncertain items of each, so acquisitions spread over the pool's topics. On skewed traffic it mirrors the skew
+(it over-picks heterogeneous not-harmful posts), so `rare-cluster`, the cycle's default, adds quotas by
+predicted class that favour the classes least represented among the labels so far. `small-text-*` run
+small-text's own implementations on the same arrays, for comparison.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Protocol
 
 import numpy as np
 from sklearn.cluster import KMeans
 from sklearn.metrics import pairwise_distances
+
+from guardloop.core.labels import LABELS
 
 
 def entropy(probs: np.ndarray) -> np.ndarray:
@@ -38,8 +44,12 @@ class QueryStrategy(Protocol):
         budget: int,
         *,
         labeled_embeddings: np.ndarray | None = None,
+        labeled_labels: Sequence[str] | None = None,
         random_state: int = 0,
-    ) -> list[Selection]: ...
+    ) -> list[Selection]:
+        """`budget` distinct rows of the pool. `labeled_*` describe what is labeled already (the seed and earlier
+        cycles' labels): strategies that need it use it, the others ignore it."""
+        ...
 
 
 def _check(embeddings: np.ndarray, probs: np.ndarray, budget: int) -> int:
@@ -53,7 +63,7 @@ def _check(embeddings: np.ndarray, probs: np.ndarray, budget: int) -> int:
 class RandomSampling:
     name: ClassVar[str] = "random"
 
-    def select(self, embeddings, probs, budget, *, labeled_embeddings=None, random_state=0):
+    def select(self, embeddings, probs, budget, *, labeled_embeddings=None, labeled_labels=None, random_state=0):
         budget = _check(embeddings, probs, budget)
         picks = np.random.default_rng(random_state).choice(len(probs), size=budget, replace=False)
         uncertainty = entropy(probs)
@@ -63,7 +73,7 @@ class RandomSampling:
 class TopNEntropy:
     name: ClassVar[str] = "topn"
 
-    def select(self, embeddings, probs, budget, *, labeled_embeddings=None, random_state=0):
+    def select(self, embeddings, probs, budget, *, labeled_embeddings=None, labeled_labels=None, random_state=0):
         budget = _check(embeddings, probs, budget)
         uncertainty = entropy(probs)
         picks = np.argsort(-uncertainty, kind="stable")[:budget]
@@ -75,7 +85,7 @@ class CoreSet:
 
     name: ClassVar[str] = "coreset"
 
-    def select(self, embeddings, probs, budget, *, labeled_embeddings=None, random_state=0):
+    def select(self, embeddings, probs, budget, *, labeled_embeddings=None, labeled_labels=None, random_state=0):
         budget = _check(embeddings, probs, budget)
         uncertainty = entropy(probs)
         if labeled_embeddings is not None and len(labeled_embeddings):
@@ -102,7 +112,7 @@ class ClusterEntropy:
     n_clusters: int | None = None
     name: ClassVar[str] = "cluster"
 
-    def select(self, embeddings, probs, budget, *, labeled_embeddings=None, random_state=0):
+    def select(self, embeddings, probs, budget, *, labeled_embeddings=None, labeled_labels=None, random_state=0):
         budget = _check(embeddings, probs, budget)
         k = min(self.n_clusters or budget, len(probs))
         clusters = KMeans(n_clusters=k, n_init=4, random_state=random_state).fit_predict(embeddings)
@@ -133,10 +143,189 @@ class ClusterEntropy:
         return picks
 
 
-STRATEGIES: dict[str, type] = {s.name: s for s in (RandomSampling, TopNEntropy, CoreSet, ClusterEntropy)}
+def _quotas(weights: np.ndarray, budget: int) -> np.ndarray:
+    """Integer quotas proportional to `weights` summing to `budget` (largest remainders, ties to the lower class)."""
+    exact = weights / weights.sum() * budget
+    quotas = np.floor(exact).astype(int)
+    for c in np.argsort(-(exact - quotas), kind="stable")[: budget - quotas.sum()]:
+        quotas[c] += 1
+    return quotas
+
+
+@dataclass
+class RareAwareCluster:
+    """`cluster` with quotas by predicted class, weighted toward the classes least represented among the labels.
+
+    Why: on skewed traffic the most uncertain items are mostly heterogeneous not-harmful posts, so `cluster` acquires
+    the rare, critical classes (emergencies) no more often than random. Here the budget is first split over the
+    classes: class c gets a share proportional to 1/sqrt(1 + labeled count of c) (a class missing from the labels
+    gets the largest share; the square root keeps the common classes in play, since a quota slot for a class the
+    model barely knows is often filled by an item of another class), and the class the pool's predictions are
+    dominated by gets at most ceil(budget / classes). A class's slots go to items whose predicted class it is, or
+    that give it at least `min_mass` probability (so an emergency the model calls not-harmful with p 0.3 can be
+    picked), ranked by p(class)^2 * uncertainty: likely members the model is still unsure about (the square: a
+    slot filled by an item of another class is a slot lost to balance; on bootstrap + dev halves, power 2 gave
+    more true members per slot and more even counts than power 1, 3 or 5). Classes pick in turn,
+    least represented first. Each earlier pick from an item's cluster (k-means over the embeddings, K = budget as
+    in `cluster`) multiplies its score by `cluster_decay`, so picks spread over the pool's topics, but softly: a
+    class that lives in a few clusters takes a second item there rather than a poor candidate elsewhere (a hard
+    one-per-cluster rule, as in `cluster`, filled its slots with other classes' items). Slots a class cannot
+    fill go to the other classes, then to the most uncertain items left.
+    """
+
+    n_clusters: int | None = None
+    min_mass: float = 0.2
+    likelihood_power: float = 2.0
+    cluster_decay: float = 0.5
+    name: ClassVar[str] = "rare-cluster"
+
+    def select(self, embeddings, probs, budget, *, labeled_embeddings=None, labeled_labels=None, random_state=0):
+        budget = _check(embeddings, probs, budget)
+        n, n_classes = probs.shape
+        names = LABELS if n_classes == len(LABELS) else tuple(f"class-{c}" for c in range(n_classes))
+        labeled_counts = np.zeros(n_classes)
+        for label in labeled_labels or ():
+            if label not in names:
+                raise ValueError(f"labeled label {label!r} is not one of {', '.join(names)}")
+            labeled_counts[names.index(label)] += 1
+        predicted = probs.argmax(axis=1)
+        quotas = _quotas(1.0 / np.sqrt(1.0 + labeled_counts), budget)
+        dominant = int(np.bincount(predicted, minlength=n_classes).argmax())
+        cap = -(-budget // n_classes)
+        if quotas[dominant] > cap:  # the surplus goes to the other classes, by weight
+            surplus, quotas[dominant] = quotas[dominant] - cap, cap
+            others = np.delete(np.arange(n_classes), dominant)
+            quotas[others] += _quotas(1.0 / np.sqrt(1.0 + labeled_counts[others]), surplus)
+
+        k = min(self.n_clusters or budget, n)
+        clusters = KMeans(n_clusters=k, n_init=4, random_state=random_state).fit_predict(embeddings)
+        uncertainty = entropy(probs)
+        cluster_uses = np.zeros(k, dtype=int)
+        taken = np.zeros(n, dtype=bool)
+        picks: list[Selection] = []
+
+        def take(i: int, reason: dict[str, Any]) -> None:
+            taken[i] = True
+            cluster_uses[clusters[i]] += 1
+            reason = {
+                "strategy": self.name,
+                "cluster": int(clusters[i]),
+                "uncertainty": float(uncertainty[i]),
+                "predicted": names[predicted[i]],
+                **reason,
+            }
+            picks.append(Selection(int(i), reason))
+
+        def best(candidates: np.ndarray, score: np.ndarray) -> int | None:
+            """The best candidate once each earlier pick from its cluster has scaled its score by `cluster_decay`."""
+            free = candidates[~taken[candidates]]
+            if not len(free):
+                return None
+            discounted = score[free] * self.cluster_decay ** cluster_uses[clusters[free]]
+            return int(free[np.argmax(discounted)])  # argmax takes the first of equal scores: deterministic
+
+        members = [np.flatnonzero((predicted == c) | (probs[:, c] >= self.min_mass)) for c in range(n_classes)]
+        score = [probs[:, c] ** self.likelihood_power * uncertainty for c in range(n_classes)]
+        order = np.argsort(labeled_counts, kind="stable")  # least represented class picks first
+        for slot, limit in (("quota", quotas), ("spare", np.where(np.arange(n_classes) == dominant, cap, budget))):
+            filled = np.array([sum(p.reason.get("quota_class") == names[c] for p in picks) for c in range(n_classes)])
+            active = [int(c) for c in order if filled[c] < limit[c]]
+            while active and len(picks) < budget:
+                for c in list(active):
+                    i = best(members[c], score[c]) if len(picks) < budget else None
+                    if i is None:
+                        active.remove(c)
+                        continue
+                    take(
+                        i,
+                        {
+                            "quota_class": names[c],
+                            "quota": int(quotas[c]),
+                            "slot": slot,
+                            "labeled_count": int(labeled_counts[c]),
+                            "p_class": float(probs[i, c]),
+                        },
+                    )
+                    filled[c] += 1
+                    if filled[c] >= limit[c]:
+                        active.remove(c)
+        everyone = np.arange(n)
+        while len(picks) < budget:  # every class's candidates are used up: the most uncertain items left
+            take(best(everyone, uncertainty + 1e-9), {"quota_class": None, "slot": "spare"})  # type: ignore[arg-type]
+        return picks
+
+
+class _Probabilities:
+    """Stands in for a small-text classifier: its strategies ask `clf.predict_proba(dataset)`, and ours has been
+    computed already (the pool's rows), so the 'dataset' handed to small-text is just the row numbers."""
+
+    def __init__(self, probs: np.ndarray) -> None:
+        self.probs = probs
+
+    def predict_proba(self, rows: np.ndarray) -> np.ndarray:
+        return self.probs[np.asarray(rows, dtype=int)]
+
+
+class SmallTextBreakingTies:
+    """small-text's BreakingTies (Luo et al. 2005): the smallest margin between the two most likely classes."""
+
+    name: ClassVar[str] = "small-text-breaking-ties"
+
+    def select(self, embeddings, probs, budget, *, labeled_embeddings=None, labeled_labels=None, random_state=0):
+        budget = _check(embeddings, probs, budget)
+        # Imported here: small-text imports torch (~seconds), and only comparisons use it.
+        from small_text.query_strategies import BreakingTies
+
+        rows = np.arange(len(probs))
+        strategy = BreakingTies()
+        picks = strategy.query(_Probabilities(probs), rows, rows, rows[:0], rows[:0], n=budget)
+        top2 = np.sort(probs, axis=1)[:, -2:]
+        margin = top2[:, 1] - top2[:, 0]
+        picks = sorted((int(i) for i in picks), key=lambda i: (margin[i], i))
+        return [Selection(i, {"strategy": self.name, "margin": float(margin[i])}) for i in picks]
+
+
+class SmallTextEmbeddingKMeans:
+    """small-text's EmbeddingKMeans (BERT-KM, Yuan et al. 2020): k-means, K = budget, the item nearest each center."""
+
+    name: ClassVar[str] = "small-text-kmeans"
+
+    def select(self, embeddings, probs, budget, *, labeled_embeddings=None, labeled_labels=None, random_state=0):
+        budget = _check(embeddings, probs, budget)
+        from small_text.query_strategies import EmbeddingKMeans  # imports torch; see SmallTextBreakingTies
+
+        rows = np.arange(len(probs))
+        uncertainty = entropy(probs)
+        # small-text builds its KMeans without a random_state, so it draws from numpy's global generator: seed that
+        # for the call and put it back, so a given random_state gives the same picks.
+        saved = np.random.get_state()
+        np.random.seed(random_state)
+        try:
+            picks = EmbeddingKMeans().query(
+                _Probabilities(probs), rows, rows, rows[:0], rows[:0], n=budget, embeddings=embeddings
+            )
+        finally:
+            np.random.set_state(saved)
+        return [Selection(int(i), {"strategy": self.name, "uncertainty": float(uncertainty[i])}) for i in picks]
+
+
+STRATEGIES: dict[str, type] = {
+    s.name: s
+    for s in (
+        RandomSampling,
+        TopNEntropy,
+        CoreSet,
+        ClusterEntropy,
+        RareAwareCluster,
+        SmallTextBreakingTies,
+        SmallTextEmbeddingKMeans,
+    )
+}
 
 
 def make_strategy(name: str, *, n_clusters: int | None = None) -> QueryStrategy:
+    """The strategy called `name`; `n_clusters` reaches the strategies that cluster with a K of their own."""
     if name not in STRATEGIES:
         raise ValueError(f"unknown strategy {name!r}; choose one of {', '.join(STRATEGIES)}")
-    return ClusterEntropy(n_clusters) if name == "cluster" else STRATEGIES[name]()
+    cls = STRATEGIES[name]
+    return cls(n_clusters) if "n_clusters" in getattr(cls, "__dataclass_fields__", {}) else cls()

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
@@ -18,10 +19,11 @@ import torch
 from guardloop.models.registry import ModelRegistry
 from guardloop.trainer.cycle import build_cycle_runner, train_bootstrap_model
 
+from guardloop.core.labels import LABELS
 from guardloop.core.seed import SEED_DIR
 from guardloop.core.settings import Settings
+from guardloop.storage import Database, PoolRecord, PoolRepository
 from guardloop.storage.cycles import PROMOTED, REJECTED
-from tests.test_cycle import fill_pool
 
 pytestmark = pytest.mark.slow
 torch.set_num_threads(1)  # the test machine's cores are shared (the LLM server takes its own one thread)
@@ -53,6 +55,19 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> dict[str, object]:
     settings = world_settings(root, base, evaluation)
     version = train_bootstrap_model(settings, ModelRegistry(settings.registry_dir), progress=False)
     return {"root": root, "base": base, "eval": evaluation, "pool": pool, "current": version}
+
+
+def fill_pool(database: Database, texts: list[str]) -> None:
+    """Texts as the service logs them: unrequested pool items the cycle's snapshot will find."""
+    database.ensure_schema()
+    now = datetime.now(UTC)
+    uniform = dict.fromkeys(LABELS, 1 / 6)
+    PoolRepository(database).write_batch(
+        [
+            PoolRecord(text, "not-harmful", uniform, 1.0, 0.0, "v-old", "uncertain", None, now - timedelta(seconds=i))
+            for i, text in enumerate(texts)
+        ]
+    )
 
 
 def world_settings(root: Path, base: Path, evaluation: Path) -> Settings:

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from guardloop.trainer.simulate import stratified_split
 from guardloop.trainer.simulation_results import class_count_std
 from guardloop.trainer.strategies import STRATEGIES, entropy, make_strategy
+
+from guardloop.core.datafiles import stratified_split
 
 CENTERS = np.array([[10.0, 0, 0], [0, 10.0, 0], [0, 0, 10.0], [10.0, 10.0, 10.0]])
 

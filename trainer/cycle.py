@@ -1,4 +1,4 @@
-"""One active-learning cycle, as named steps:
+"""One active-learning cycle: the steps of steps.py run against the database, the registry and the reviewers.
 
 snapshot pool -> embed -> score -> select -> request labels -> collect labels -> generate variations
 -> build training set -> train (+ export) -> evaluate -> gate -> publish
@@ -23,21 +23,23 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from filelock import FileLock, Timeout
 from guardloop.models.onnx_model import OnnxClassifier
 from guardloop.models.registry import ModelRegistry, open_classifier
-from guardloop.trainer.evaluation import evaluate
-from guardloop.trainer.simulate import stratified_split
-from guardloop.trainer.strategies import make_strategy
-from sqlalchemy import text
+from guardloop.trainer import steps
+from guardloop.trainer.embeddings import SentenceEmbedder
+from guardloop.trainer.finetune import FineTuneConfig
+from guardloop.trainer.gate import GateDecision, gate
+from guardloop.trainer.labelers import ORACLE_REVIEWER, OracleLabeler
+from guardloop.trainer.train import TrainJob, train_and_publish
+from guardloop.trainer.training_set import base_files, base_training_sets, eval_set
+from guardloop.trainer.variations import VariationGenerator
 from sqlalchemy.exc import SQLAlchemyError
 
 from guardloop.core import telemetry
-from guardloop.core.datafiles import Example, load_examples
+from guardloop.core.datafiles import load_examples
 from guardloop.core.labels import LABELS
-from guardloop.core.seed import SEED_DIR
 from guardloop.core.settings import Settings
-from guardloop.storage import Database, LabelRequest, PoolRepository, ReviewRepository, StorageError, StoredItem
+from guardloop.storage import Database, LabelRequest, PoolRepository, ReviewRepository, StorageError
 from guardloop.storage.cycles import (
     AWAITING_LABELS,
     FAILED,
@@ -49,89 +51,23 @@ from guardloop.storage.cycles import (
     CycleRepository,
     CycleView,
 )
-from guardloop.storage.texts import text_hash
+from guardloop.storage.locks import CycleBusy, single_flight
 
 log = logging.getLogger(__name__)
 
-ORACLE_REVIEWER = "oracle"
-_ADVISORY_LOCK_KEY = 74312  # any constant shared by every trainer of one database
-
-
-class CycleBusy(Exception):
-    """Another trainer holds the single-flight lock."""
-
-
-# --------------------------------------------------------------------------------------------- single flight
-@contextlib.contextmanager
-def single_flight(database: Database, lock_dir: Path) -> Iterator[None]:
-    """Hold the cycle lock for the block, or raise CycleBusy at once. A dead holder's lock is released by the
-    operating system (file lock) or by PostgreSQL when its connection drops (advisory lock)."""
-    if database.dialect == "postgresql":
-        with database.engine.connect() as connection:
-            connection = connection.execution_options(isolation_level="AUTOCOMMIT")
-            got = connection.execute(text("SELECT pg_try_advisory_lock(:key)"), {"key": _ADVISORY_LOCK_KEY}).scalar()
-            if not got:
-                raise CycleBusy("another trainer is running a cycle on this database")
-            try:
-                yield
-            finally:
-                connection.execute(text("SELECT pg_advisory_unlock(:key)"), {"key": _ADVISORY_LOCK_KEY})
-        return
-    lock_dir.mkdir(parents=True, exist_ok=True)
-    lock = FileLock(str(lock_dir / "cycle.lock"))
-    try:
-        lock.acquire(timeout=0)
-    except Timeout:
-        raise CycleBusy(f"another trainer is running a cycle ({lock_dir / 'cycle.lock'} is held)") from None
-    try:
-        yield
-    finally:
-        lock.release()
-
-
-# --------------------------------------------------------------------------------------------- labelers
-class OracleLabeler:
-    """Answers label requests from a labeled file (simulation, or users who already hold labels)."""
-
-    def __init__(self, path: Path) -> None:
-        self.labels = {text_hash(ex.text): ex.label for ex in load_examples([path]).examples if ex.label}
-
-    def answer(self, items: Sequence[StoredItem]) -> dict[int, str]:
-        return {item.id: self.labels[item.text_hash] for item in items if item.text_hash in self.labels}
-
-
-# --------------------------------------------------------------------------------------------- the gate
-@dataclass(frozen=True)
-class GateDecision:
-    promote: bool
-    reason: str
-
-
-def gate(
-    candidate: dict[str, Any], current: dict[str, Any] | None, *, max_f1_drop: float, max_recall_drop: float
-) -> GateDecision:
-    """Promote only if macro-F1 drops by at most `max_f1_drop` and no class's recall by more than `max_recall_drop`."""
-    if current is None:
-        return GateDecision(True, "no current model to compare with")
-    f1_drop = current["macro_f1"] - candidate["macro_f1"]
-    if f1_drop > max_f1_drop:
-        return GateDecision(
-            False,
-            f"macro-F1 {candidate['macro_f1']:.4f} vs current {current['macro_f1']:.4f}: "
-            f"drop {f1_drop:.4f} > allowed {max_f1_drop:.4f}",
-        )
-    for label in LABELS:
-        drop = current["per_class_recall"][label] - candidate["per_class_recall"][label]
-        if drop > max_recall_drop:
-            return GateDecision(
-                False,
-                f"{label} recall {candidate['per_class_recall'][label]:.4f} vs current "
-                f"{current['per_class_recall'][label]:.4f}: drop {drop:.4f} > allowed {max_recall_drop:.4f}",
-            )
-    return GateDecision(
-        True,
-        f"macro-F1 {candidate['macro_f1']:.4f} vs current {current['macro_f1']:.4f}; no class recall dropped too far",
-    )
+# Kept importable from here: tests and scripts name them as guardloop.trainer.cycle.*
+__all__ = [
+    "ORACLE_REVIEWER",
+    "CycleBusy",
+    "CycleRunner",
+    "GateDecision",
+    "OracleLabeler",
+    "base_training_sets",
+    "build_cycle_runner",
+    "gate",
+    "single_flight",
+    "train_bootstrap_model",
+]
 
 
 # --------------------------------------------------------------------------------------------- the runner
@@ -229,42 +165,37 @@ class CycleRunner:
     def _select(self, cycle: CycleView, now: datetime) -> CycleView:
         with self._step(cycle, "snapshot pool") as detail:
             labeled_ids = {final.item_id for final in self.reviews.final_labels()}
-            items = [item for item in self.pool.iter_items(unrequested_only=True) if item.id not in labeled_ids]
-            items = sorted(items, key=lambda item: item.last_seen, reverse=True)[: self.settings.cycle_max_pool]
+            items = steps.snapshot(
+                list(self.pool.iter_items(unrequested_only=True)), labeled_ids, self.settings.cycle_max_pool
+            )
             detail["pool_items"] = len(items)
         if not items:
             self.cycles.update(cycle.id, status=SKIPPED, reason="the pool has no unrequested items", steps=self._steps)
             return self.cycles.get(cycle.id)  # type: ignore[return-value]
 
-        from guardloop.trainer.embeddings import SentenceEmbedder
-
         with self._step(cycle, "embed") as detail:
             embedder = SentenceEmbedder(self.settings.data_dir / "cache")
-            embeddings = embedder.embed([item.text for item in items])
+            embeddings = steps.embed(embedder, [item.text for item in items])
             labeled_texts = [final.text for final in self.reviews.final_labels()]
-            labeled_embeddings = embedder.embed(labeled_texts) if labeled_texts else None
+            labeled_embeddings = steps.embed(embedder, labeled_texts) if labeled_texts else None
             detail["texts"] = len(items)
         with self._step(cycle, "score") as detail:
             classifier = self._current_classifier()
-            if classifier is None:
-                probs = np.array([[item.scores[label] for label in LABELS] for item in items])
-                detail["model"] = "scores logged at classification time"
-            else:
-                probs = classifier.predict_many([item.text for item in items])
-                detail["model"] = classifier.version
+            logged = np.array([[item.scores[label] for label in LABELS] for item in items])
+            probs = steps.score(classifier, [item.text for item in items], fallback=logged)
+            detail["model"] = classifier.version if classifier else "scores logged at classification time"
         with self._step(cycle, "select") as detail:
-            strategy = make_strategy(self.settings.cycle_strategy, n_clusters=self.settings.cycle_clusters)
-            selections = strategy.select(
+            selections = steps.select(
+                self.settings.cycle_strategy,
                 embeddings,
                 probs,
                 self.settings.cycle_budget,
                 labeled_embeddings=labeled_embeddings,
                 random_state=self.settings.seed + int(now.timestamp()) % 100_000,
+                n_clusters=self.settings.cycle_clusters,
             )
             detail["selected"] = len(selections)
-            detail["predicted"] = {
-                label: sum(1 for s in selections if LABELS[int(probs[s.index].argmax())] == label) for label in LABELS
-            }
+            detail["predicted"] = steps.predicted_counts(selections, probs)
         with self._step(cycle, "request labels") as detail:
             requests = [
                 LabelRequest(
@@ -297,9 +228,12 @@ class CycleRunner:
             ]
             if self.oracle is not None:
                 answered = 0
-                for item_id, label in self.oracle.answer(requested).items():
+                answers = steps.label(self.oracle, [item.text_hash for item in requested])
+                for item, label in zip(requested, answers, strict=True):
+                    if label is None:
+                        continue
                     with contextlib.suppress(Exception):  # already answered (a resumed cycle): keep the first answer
-                        self.reviews.add_label(item_id, ORACLE_REVIEWER, label)
+                        self.reviews.add_label(item.id, ORACLE_REVIEWER, label)
                         answered += 1
                 detail["oracle_answers"] = answered
             finals = self.reviews.final_labels(cycle_id=cycle.id)
@@ -329,38 +263,33 @@ class CycleRunner:
             base_train, dev = base_training_sets(self.settings)
             human = [(f.text, f.label) for f in self.reviews.final_labels()]
             variations = self.cycles.variations()
-            train = [*base_train, *(Example(t, y) for t, y in human), *(Example(t, y) for t, y in variations)]
+            train = steps.build(base_train, human, variations)
             detail.update(base=len(base_train), human_labels=len(human), variations=len(variations), dev=len(dev))
         counts.update(train_size=len(train), human_labels_total=len(human), variations_total=len(variations))
         self.cycles.update(cycle.id, counts=counts)
 
-        from guardloop.trainer.finetune import FineTuneConfig
-        from guardloop.trainer.train import TrainJob, train_model
-
-        eval_set = self._eval_set()
+        held_out = eval_set(self.settings)
         with tempfile.TemporaryDirectory(prefix="guardloop-cycle-") as tmp:
             with self._step(cycle, "train and export") as detail:
-                job = TrainJob(
-                    train=train,
-                    dev=dev,
-                    config=FineTuneConfig(seed=self.settings.seed, epochs=self.settings.cycle_epochs),
+                staging, card = steps.train(
+                    train,
+                    dev,
+                    FineTuneConfig(seed=self.settings.seed, epochs=self.settings.cycle_epochs),
+                    Path(tmp),
                     fingerprints={"cycle": cycle.id},
                     cache_dir=self.settings.data_dir / "cache",
                     progress=self.progress,
                 )
-                staging, card = train_model(job, Path(tmp))
                 detail["dev_macro_f1"] = (card.metrics.get("dev") or {}).get("macro_f1")
                 detail["onnx_agreement"] = card.metrics["onnx_check"]["agreement"]
             with self._step(cycle, "evaluate") as detail:
-                candidate_report = evaluate(
-                    OnnxClassifier(staging, version="candidate", threads=2, max_seq_len=self.settings.max_seq_len),
-                    eval_set,
-                )
-                current_report = evaluate(current, eval_set) if current else None
+                candidate = steps.open_candidate(staging, max_seq_len=self.settings.max_seq_len)
+                candidate_report = steps.evaluate(candidate, held_out)
+                current_report = steps.evaluate(current, held_out) if current else None
                 detail["candidate_macro_f1"] = candidate_report["macro_f1"]
                 detail["current_macro_f1"] = current_report["macro_f1"] if current_report else None
             with self._step(cycle, "gate") as detail:
-                decision = gate(
+                decision = steps.gate(
                     candidate_report,
                     current_report,
                     max_f1_drop=self.settings.gate_max_macro_f1_drop,
@@ -371,7 +300,7 @@ class CycleRunner:
                 "candidate": candidate_report,
                 "current": current_report,
                 "gate": decision.reason,
-                "eval_examples": len(eval_set),
+                "eval_examples": len(held_out),
             }
             if not decision.promote:
                 self.cycles.update(
@@ -379,15 +308,7 @@ class CycleRunner:
                 )
                 return self.cycles.get(cycle.id)  # type: ignore[return-value]
             with self._step(cycle, "publish") as detail:
-                version = self.registry.new_version_name()
-                card = card.model_copy(
-                    update={
-                        "version": version,
-                        "parent": self.registry.current(),
-                        "metrics": {**card.metrics, "eval": candidate_report, "cycle": cycle.id},
-                    }
-                )
-                self.registry.publish(staging, card, make_current=True)
+                version = steps.publish(self.registry, staging, card, eval_report=candidate_report, cycle_id=cycle.id)
                 detail["version"] = version
         self.cycles.update(
             cycle.id, status=PROMOTED, model_version=version, reason=decision.reason, metrics=metrics, steps=self._steps
@@ -401,46 +322,51 @@ class CycleRunner:
         todo = [final for final in self.reviews.final_labels() if final.item_id not in done]
         if not todo:
             return {"items": 0}
+        make = generator_variation_maker(self.variation_generator)
         try:
-            with self.variation_generator(current.predict_proba if current else None) as generator:
-                batch = generator.generate_many([(final.text, final.label) for final in todo])
+            generated = steps.generate(
+                make, [(final.text, final.label) for final in todo], current.predict_proba if current else None
+            )
         except Exception as exc:  # the LLM could not even start: train on what we have, say why
             log.error("cycle %s: no variations: %s", cycle.id, exc)
             return {"items": len(todo), "error": str(exc).splitlines()[0] if str(exc) else type(exc).__name__}
         accepted = 0
-        for final, result in zip(todo, batch.results, strict=True):
-            accepted += self.cycles.add_variations(final.item_id, final.label, result.accepted, cycle.id)
+        for final, rewrites in zip(todo, generated.accepted, strict=True):
+            accepted += self.cycles.add_variations(final.item_id, final.label, rewrites, cycle.id)
         return {
             "items": len(todo),
             "accepted": accepted,
-            "filtered": int(sum(sum(result.filtered.values()) for result in batch.results)),
-            "failed_items": len(batch.failed),
+            "filtered": generated.filtered,
+            "failed_items": generated.failed_items,
         }
 
-    def _eval_set(self) -> list[Example]:
-        return load_examples([self.settings.eval_data or SEED_DIR / "eval.jsonl"]).examples
 
+def generator_variation_maker(
+    open_generator: Callable[[Callable[[list[str]], np.ndarray] | None], Any],
+) -> steps.VariationMaker:
+    """The variations step's maker for a live cycle: one started VariationGenerator per call, its consistency
+    filter run with the current model."""
 
-def base_training_sets(settings: Settings) -> tuple[list[Example], list[Example]]:
-    """(train, dev): settings.train_data (default: the shipped seed) minus a stratified 15% kept for early stopping."""
-    files = settings.train_data or [SEED_DIR / "train.jsonl"]
-    examples = load_examples(files).examples
-    train, dev = stratified_split(examples, 0.15, settings.seed)
-    return train, dev
+    def make(items: Sequence[tuple[str, str]], predict_proba: steps.Proba | None) -> steps.Generated:
+        with open_generator(predict_proba) as generator:
+            batch = generator.generate_many(list(items))
+        return steps.Generated(
+            accepted=[list(result.accepted) for result in batch.results],
+            filtered=int(sum(sum(result.filtered.values()) for result in batch.results)),
+            failed_items=len(batch.failed),
+        )
+
+    return make
 
 
 def train_bootstrap_model(settings: Settings, registry: ModelRegistry, *, progress: bool = True) -> str:
     """The first model, from the base training data alone (what `serve` does on an empty registry)."""
-    from guardloop.trainer.finetune import FineTuneConfig
-    from guardloop.trainer.train import TrainJob, train_and_publish
-
     train, dev = base_training_sets(settings)
-    files = settings.train_data or [SEED_DIR / "train.jsonl"]
     job = TrainJob(
         train=train,
         dev=dev,
         config=FineTuneConfig(seed=settings.seed, epochs=settings.cycle_epochs),
-        fingerprints=load_examples(files).fingerprints,
+        fingerprints=load_examples(base_files(settings)).fingerprints,
         cache_dir=settings.data_dir / "cache",
         progress=progress,
     )
@@ -449,8 +375,6 @@ def train_bootstrap_model(settings: Settings, registry: ModelRegistry, *, progre
 
 
 def build_cycle_runner(settings: Settings, *, oracle: Path | None = None, progress: bool = False) -> CycleRunner:
-    from guardloop.trainer.variations import VariationGenerator
-
     oracle_path = oracle or settings.cycle_oracle_file
     return CycleRunner(
         settings=settings,

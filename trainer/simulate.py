@@ -4,6 +4,11 @@ Reproduces the paper's setting (Hassan et al. 2024, Tables 3 and 6): start from 
 iteration pick `per_iteration` pool items with a strategy, take their labels from the oracle (the pool file's
 own labels play the reviewers), ask the LLM for `variations` label-preserving rewrites of each, retrain, and
 measure macro-F1 on a held-out eval set and how balanced the acquired classes are.
+
+It runs the production cycle's own step functions (steps.py): the same embedding, scoring by the served int8
+ONNX model, strategy call, oracle labeling, variations with the consistency filter, training-set assembly,
+training with export and check, evaluation and gate. Only the pool (in memory), the reviewers (an oracle) and
+the registry (none: a promoted candidate simply becomes the model that scores the next iteration) differ.
 """
 
 from __future__ import annotations
@@ -12,6 +17,8 @@ import contextlib
 import hashlib
 import json
 import logging
+import shutil
+import tempfile
 import time
 from collections import Counter
 from collections.abc import Callable, Sequence
@@ -20,41 +27,26 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from guardloop.trainer.base_models import minilm_dir
+from guardloop.trainer import steps
 from guardloop.trainer.embeddings import SentenceEmbedder
-from guardloop.trainer.evaluation import report_from_probs
-from guardloop.trainer.finetune import FineTuneConfig, TrainingExample, fine_tune, predict_proba
+from guardloop.trainer.finetune import FineTuneConfig
+from guardloop.trainer.labelers import OracleLabeler
 from guardloop.trainer.simulation_results import (
     IterationResult,
     SimulationResult,
     append_result_line,
     class_count_std,
 )
-from guardloop.trainer.strategies import make_strategy
 from guardloop.trainer.variations import VariationGenerator, consistency_filter
 
-from guardloop.core.datafiles import Example
+from guardloop.core.datafiles import Example, stratified_split
 from guardloop.core.labels import LABELS
 from guardloop.core.settings import Settings
+from guardloop.storage.texts import text_hash
 
 log = logging.getLogger(__name__)
 
-# (labeled items, the current model's predict_proba) -> accepted variations per item
-VariationMaker = Callable[[Sequence[tuple[str, str]], Callable[[list[str]], np.ndarray]], list[list[str]]]
-
-
-def stratified_split(examples: Sequence[Example], fraction: float, seed: int) -> tuple[list[Example], list[Example]]:
-    """(kept, held_out): `fraction` of every class held out, chosen with `seed`."""
-    rng = np.random.default_rng(seed)
-    kept: list[Example] = []
-    held: list[Example] = []
-    for label in LABELS:
-        members = [ex for ex in examples if ex.label == label]
-        order = rng.permutation(len(members))
-        cut = round(fraction * len(members))
-        held += [members[i] for i in order[:cut]]
-        kept += [members[i] for i in order[cut:]]
-    return kept, held
+__all__ = ["Simulation", "SimulationPlan", "llm_variation_maker", "run_simulations", "stratified_split"]
 
 
 @dataclass
@@ -66,72 +58,78 @@ class Simulation:
     strategy: str
     iterations: int
     per_iteration: int
-    make_variations: VariationMaker | None
+    make_variations: steps.VariationMaker | None
     cache_dir: Path
     config: FineTuneConfig
     n_clusters: int | None = None
     progress: bool = False
+    max_f1_drop: float = 0.01  # the gate, as settings.gate_max_macro_f1_drop
+    max_recall_drop: float = 0.05  # as settings.gate_max_recall_drop
 
-    def _train(self, examples: Sequence[tuple[str, str]]) -> Any:
-        return fine_tune(
-            minilm_dir(),
-            [TrainingExample(text, label) for text, label in examples],
-            [(ex.text, ex.label) for ex in self.dev],
-            self.config,
-            progress=self.progress,
+    def _train_and_evaluate(self, examples: Sequence[Example], work_dir: Path) -> tuple[Any, dict[str, Any]]:
+        work_dir.mkdir(parents=True)
+        staging, _ = steps.train(
+            examples, self.dev, self.config, work_dir, fingerprints={}, cache_dir=self.cache_dir, progress=self.progress
         )
-
-    def _evaluate(self, result: Any) -> dict[str, Any]:
-        texts = [ex.text for ex in self.eval_data]
-        return report_from_probs(
-            self.eval_data, predict_proba(result.model, result.tokenizer, texts, self.config.max_seq_len)
-        )
+        candidate = steps.open_candidate(staging, max_seq_len=self.config.max_seq_len)
+        return candidate, steps.evaluate(candidate, self.eval_data)
 
     def run(self, on_iteration: Callable[[SimulationResult, IterationResult], None] | None = None) -> SimulationResult:
+        with tempfile.TemporaryDirectory(prefix="guardloop-simulate-") as tmp:
+            return self._run(Path(tmp), on_iteration)
+
+    def _run(
+        self, tmp: Path, on_iteration: Callable[[SimulationResult, IterationResult], None] | None
+    ) -> SimulationResult:
         seed = self.config.seed
-        strategy = make_strategy(self.strategy, n_clusters=self.n_clusters)
         embedder = SentenceEmbedder(self.cache_dir)
         pool_texts = [ex.text for ex in self.pool]
-        pool_embeddings = embedder.embed(pool_texts)
+        pool_hashes = [text_hash(text) for text in pool_texts]
+        oracle = OracleLabeler(examples=self.pool)
+        pool_embeddings = steps.embed(embedder, pool_texts)
         available = np.ones(len(self.pool), dtype=bool)
 
-        base = [(ex.text, ex.label) for ex in self.seed_data]
+        base = list(self.seed_data)
         acquired: list[tuple[str, str]] = []
         variations: list[tuple[str, str]] = []
-        model = self._train(base)
-        baseline = self._evaluate(model)["macro_f1"]
+        served, served_report = self._train_and_evaluate(base, tmp / "it0")
+        baseline = served_report["macro_f1"]
         log.info("%s seed %d: baseline macro-F1 %.4f", self.strategy, seed, baseline)
         result = SimulationResult(self.strategy, seed, baseline)
 
         for iteration in range(1, self.iterations + 1):
             started = time.perf_counter()
             candidates = np.flatnonzero(available)
-            probs = predict_proba(
-                model.model, model.tokenizer, [pool_texts[i] for i in candidates], self.config.max_seq_len
-            )
+            probs = steps.score(served, [pool_texts[i] for i in candidates])
             picked_pool = np.flatnonzero(~available)
-            selections = strategy.select(
+            selections = steps.select(
+                self.strategy,
                 pool_embeddings[candidates],
                 probs,
                 self.per_iteration,
                 labeled_embeddings=pool_embeddings[picked_pool] if len(picked_pool) else None,
                 random_state=seed * 1000 + iteration,
+                n_clusters=self.n_clusters,
             )
             chosen = [int(candidates[s.index]) for s in selections]
             available[chosen] = False
-            new_items = [(self.pool[i].text, self.pool[i].label) for i in chosen]  # the oracle answers
+            answers = steps.label(oracle, [pool_hashes[i] for i in chosen])
+            new_items = [(pool_texts[i], label) for i, label in zip(chosen, answers, strict=True) if label]
             acquired += new_items
-            accepted = 0
-            if self.make_variations is not None:
-
-                def current_proba(texts: list[str], _m: Any = model) -> np.ndarray:
-                    return predict_proba(_m.model, _m.tokenizer, texts, self.config.max_seq_len)
-
-                for (_, label), rewrites in zip(new_items, self.make_variations(new_items, current_proba), strict=True):
-                    variations += [(text, label) for text in rewrites]
-                    accepted += len(rewrites)
-            model = self._train(base + acquired + variations)
-            report = self._evaluate(model)
+            generated = steps.generate(self.make_variations, new_items, served.predict_proba)
+            for (_, label), rewrites in zip(new_items, generated.accepted, strict=True):
+                variations += [(text, label) for text in rewrites]
+            accepted = sum(len(rewrites) for rewrites in generated.accepted)
+            train = steps.build(base, acquired, variations)
+            candidate, report = self._train_and_evaluate(train, tmp / f"it{iteration}")
+            decision = steps.gate(
+                report, served_report, max_f1_drop=self.max_f1_drop, max_recall_drop=self.max_recall_drop
+            )
+            if decision.promote:  # the candidate scores the next iteration's pool, as a promoted model would
+                shutil.rmtree(served.model_dir.parent, ignore_errors=True)
+                served, served_report = candidate, report
+            else:
+                shutil.rmtree(candidate.model_dir.parent, ignore_errors=True)
             counts = Counter(label for _, label in acquired)
             counts_all = counts + Counter(label for _, label in variations)
             entry = IterationResult(
@@ -141,10 +139,11 @@ class Simulation:
                 std_labels=class_count_std(counts),
                 std_with_variations=class_count_std(counts_all),
                 variations_accepted=accepted,
-                train_size=len(base) + len(acquired) + len(variations),
+                train_size=len(train),
                 eval_macro_f1=report["macro_f1"],
                 eval_per_class_f1=report["per_class_f1"],
                 seconds=round(time.perf_counter() - started, 1),
+                promoted=decision.promote,
             )
             result.iterations.append(entry)
             if on_iteration:
@@ -152,7 +151,7 @@ class Simulation:
         return result
 
 
-def llm_variation_maker(generator: Any, cache_file: Path | None = None) -> VariationMaker:
+def llm_variation_maker(generator: Any, cache_file: Path | None = None) -> steps.VariationMaker:
     """Adapt a started VariationGenerator for simulations.
 
     The LLM's hygiene-passed rewrites are cached by (label, text, k) in `cache_file`, so strategies and seeds
@@ -169,7 +168,7 @@ def llm_variation_maker(generator: Any, cache_file: Path | None = None) -> Varia
     def key(text: str, label: str) -> str:
         return hashlib.sha256(f"{label}\x00{generator.config.k}\x00{text}".encode()).hexdigest()
 
-    def make(items: Sequence[tuple[str, str]], current_proba: Callable[[list[str]], np.ndarray]) -> list[list[str]]:
+    def make(items: Sequence[tuple[str, str]], current_proba: steps.Proba | None) -> steps.Generated:
         todo = [(text, label) for text, label in items if key(text, label) not in cache]
         if todo:
             generator.predict_proba = None
@@ -182,10 +181,16 @@ def llm_variation_maker(generator: Any, cache_file: Path | None = None) -> Varia
                     with cache_file.open("a", encoding="utf-8") as out:
                         out.write(json.dumps({"key": key(text, label), "variations": result.accepted}) + "\n")
         threshold = generator.config.consistency_threshold
-        return [
-            consistency_filter(cache.get(key(text, label), []), label, current_proba, threshold)[0]
-            for text, label in items
-        ]
+        kept, dropped = [], 0
+        for text, label in items:
+            offered = cache.get(key(text, label), [])
+            accepted, n_dropped = (
+                consistency_filter(offered, label, current_proba, threshold) if current_proba else (offered, 0)
+            )
+            kept.append(accepted)
+            dropped += n_dropped
+        failed = sum(1 for text, label in items if key(text, label) not in cache)
+        return steps.Generated(kept, filtered=dropped, failed_items=failed)
 
     return make
 
@@ -240,6 +245,8 @@ def run_simulations(
                     cache_dir=cache_dir,
                     config=FineTuneConfig(seed=seed, epochs=plan.epochs, patience=2, group_by_length=True),
                     n_clusters=plan.clusters,
+                    max_f1_drop=settings.gate_max_macro_f1_drop,
+                    max_recall_drop=settings.gate_max_recall_drop,
                 )
 
                 def finished(run: SimulationResult, it: IterationResult, _name: str = name, _seed: int = seed) -> None:

@@ -34,6 +34,7 @@ class IterationResult:
     eval_macro_f1: float
     eval_per_class_f1: dict[str, float]
     seconds: float
+    promoted: bool = True  # whether the gate let this iteration's model replace the one that scored its pool
 
 
 @dataclass

@@ -8,13 +8,14 @@ import logging
 import sys
 from collections.abc import Callable, Iterable
 from functools import wraps
+from pathlib import Path
 from typing import Any, TypeVar
 
 import typer
 from pydantic import ValidationError
 from pydantic_settings import SettingsError
 
-from guardloop.core.datafiles import BadRow, DataFileError
+from guardloop.core.datafiles import BadRow, DataFileError, LoadedData, load_examples
 from guardloop.core.errors import UserError
 from guardloop.core.settings import Settings
 from guardloop.core.settings_errors import describe_settings_error, unknown_variables
@@ -108,6 +109,21 @@ def report_bad_rows(bad_rows: Iterable[BadRow]) -> None:
     """One stderr line per row that --skip-bad-rows skipped."""
     for bad in bad_rows:
         typer.echo(f"skipped {bad.path}:{bad.line}: {bad.reason}", err=True)
+
+
+def load_labeled(
+    files: list[Path], text_column: str | None, label_column: str | None, skip_bad_rows: bool
+) -> LoadedData:
+    """Labeled examples from the files a command was given (its --text-column, --label-column and
+    --skip-bad-rows options), with one stderr line per skipped row."""
+    loaded = load_examples(
+        files,
+        text_column=parse_column(text_column),
+        label_column=parse_column(label_column),
+        skip_bad_rows=skip_bad_rows,
+    )
+    report_bad_rows(loaded.bad_rows)
+    return loaded
 
 
 def open_registry() -> ModelRegistry:

@@ -8,7 +8,7 @@ from typing import Annotated, Any
 
 import typer
 
-from guardloop.cli.app import app, friendly_errors, load_settings, parse_column, report_bad_rows
+from guardloop.cli.app import app, friendly_errors, load_labeled, load_settings, parse_column, report_bad_rows
 from guardloop.core.datafiles import load_examples
 from guardloop.core.errors import UserError
 from guardloop.core.labels import LABELS
@@ -143,12 +143,7 @@ def evaluate(
     from guardloop.trainer.evaluation import evaluate as evaluate_model
 
     settings = load_settings()
-    loaded = load_examples(
-        data,
-        text_column=parse_column(text_column),
-        label_column=parse_column(label_column),
-        skip_bad_rows=skip_bad_rows,
-    )
+    loaded = load_labeled(data, text_column, label_column, skip_bad_rows)
     version, _, classifier = open_version(settings, model)
     report = evaluate_model(classifier, loaded.examples) | {"model_version": version}
     if as_json:
@@ -199,13 +194,7 @@ def calibrate(
     except CalibrationError as exc:
         raise UserError(str(exc)) from None
     settings = load_settings()
-    loaded = load_examples(
-        data,
-        text_column=parse_column(text_column),
-        label_column=parse_column(label_column),
-        skip_bad_rows=skip_bad_rows,
-    )
-    report_bad_rows(loaded.bad_rows)
+    loaded = load_labeled(data, text_column, label_column, skip_bad_rows)
     version, card, classifier = open_version(settings, model)
     texts = [ex.text for ex in loaded.examples]
     probs = classifier.predict_many(texts)

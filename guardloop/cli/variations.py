@@ -11,8 +11,13 @@ from typing import Annotated
 import numpy as np
 import typer
 
-from guardloop.cli.app import app, friendly_errors, load_settings, parse_column, report_bad_rows, setup_logging
-from guardloop.core.datafiles import load_examples
+from guardloop.cli.app import (
+    app,
+    friendly_errors,
+    load_labeled,
+    load_settings,
+    setup_logging,
+)
 from guardloop.core.errors import UserError
 from guardloop.core.settings import Settings
 from guardloop.models.registry import ModelRegistry, open_classifier
@@ -43,13 +48,7 @@ def variations(
     settings = load_settings()
     if k is not None:
         settings = settings.model_copy(update={"llm_variations": k})
-    loaded = load_examples(
-        [data],
-        text_column=parse_column(text_column),
-        label_column=parse_column(label_column),
-        skip_bad_rows=skip_bad_rows,
-    )
-    report_bad_rows(loaded.bad_rows)
+    loaded = load_labeled([data], text_column, label_column, skip_bad_rows)
     rows = [(ex.text, ex.label or "") for ex in loaded.examples[:limit]]
     if not rows:
         raise UserError(f"{data}: no labeled rows")

@@ -16,7 +16,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from guardloop.core.labels import UnknownLabelError, parse_label
+import numpy as np
+
+from guardloop.core.labels import LABELS, UnknownLabelError, parse_label
 
 TEXT_COLUMNS: tuple[str, ...] = ("text", "title", "input", "message", "content")
 LABEL_COLUMNS: tuple[str, ...] = ("label", "category")
@@ -358,3 +360,18 @@ def _json_type(value: object) -> str:
     if isinstance(value, dict):
         return "an object"
     return "a string"
+
+
+def stratified_split(examples: Sequence[Example], fraction: float, seed: int) -> tuple[list[Example], list[Example]]:
+    """(kept, held_out): `fraction` of every class held out, chosen with `seed` (the cycle's dev split, the
+    simulation's eval split)."""
+    rng = np.random.default_rng(seed)
+    kept: list[Example] = []
+    held: list[Example] = []
+    for label in LABELS:
+        members = [ex for ex in examples if ex.label == label]
+        order = rng.permutation(len(members))
+        cut = round(fraction * len(members))
+        held += [members[i] for i in order[:cut]]
+        kept += [members[i] for i in order[cut:]]
+    return kept, held

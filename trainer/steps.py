@@ -1,0 +1,170 @@
+"""The steps of one active-learning cycle, as plain functions over plain data.
+
+    snapshot -> embed -> score -> select -> request labels -> collect labels (label) -> generate variations
+    -> build training set -> train (+ export) -> evaluate -> gate -> publish
+
+`CycleRunner` (cycle.py) runs them against the database, the registry and the reviewers; `Simulation`
+(simulate.py) runs the same functions against an in-memory pool, an oracle and no registry. Whatever changes
+here (a strategy, the variations, the training recipe) is therefore measured by `simulate` exactly as the
+production cycle will run it. The request, collect and publish sides that only a database or a registry has
+stay in cycle.py; everything that decides what is picked, learned and promoted is here.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+from typing import Any, Protocol, TypeVar
+
+import numpy as np
+from guardloop.models.onnx_model import OnnxClassifier
+from guardloop.models.registry import ModelCard, ModelRegistry
+from guardloop.trainer import evaluation
+from guardloop.trainer import gate as gate_module
+from guardloop.trainer.embeddings import SentenceEmbedder
+from guardloop.trainer.finetune import FineTuneConfig
+from guardloop.trainer.labelers import OracleLabeler
+from guardloop.trainer.strategies import Selection, make_strategy
+from guardloop.trainer.train import TrainJob, train_model
+
+from guardloop.core.datafiles import Example
+from guardloop.core.labels import LABELS
+
+Proba = Callable[[list[str]], np.ndarray]  # texts -> (n, 6) probabilities in LABELS order
+
+
+class _Recent(Protocol):
+    @property
+    def id(self) -> int: ...
+
+    @property
+    def last_seen(self) -> datetime: ...
+
+
+R = TypeVar("R", bound=_Recent)
+
+
+@dataclass(frozen=True)
+class Generated:
+    """What the variations step gives back: the accepted rewrites of each item, and what was thrown away."""
+
+    accepted: list[list[str]]
+    filtered: int = 0
+    failed_items: int = 0
+
+
+# (labeled (text, label) items, the current model's predict_proba or None) -> Generated
+VariationMaker = Callable[[Sequence[tuple[str, str]], Proba | None], Generated]
+
+
+def snapshot(items: Sequence[R], exclude_ids: set[int], limit: int) -> list[R]:
+    """The newest `limit` pool items that are not labeled already."""
+    fresh = [item for item in items if item.id not in exclude_ids]
+    return sorted(fresh, key=lambda item: item.last_seen, reverse=True)[:limit]
+
+
+def embed(embedder: SentenceEmbedder, texts: Sequence[str]) -> np.ndarray:
+    """Sentence embeddings (the strategies' notion of "similar"), cached by text."""
+    return embedder.embed(list(texts))
+
+
+def score(classifier: OnnxClassifier | None, texts: Sequence[str], fallback: np.ndarray | None = None) -> np.ndarray:
+    """The current model's probabilities for `texts`; without a model, `fallback` (e.g. the scores logged at
+    classification time)."""
+    if classifier is None:
+        if fallback is None:
+            raise ValueError("no model to score with and no fallback scores")
+        return fallback
+    return classifier.predict_many(list(texts))
+
+
+def select(
+    strategy: str,
+    embeddings: np.ndarray,
+    probs: np.ndarray,
+    budget: int,
+    *,
+    labeled_embeddings: np.ndarray | None,
+    random_state: int,
+    n_clusters: int | None = None,
+) -> list[Selection]:
+    """`budget` candidates picked by the named query strategy, each with the reason it was picked."""
+    return make_strategy(strategy, n_clusters=n_clusters).select(
+        embeddings, probs, budget, labeled_embeddings=labeled_embeddings, random_state=random_state
+    )
+
+
+def predicted_counts(selections: Sequence[Selection], probs: np.ndarray) -> dict[str, int]:
+    """How many of the picks the current model puts in each class (a cycle record's "predicted")."""
+    return {label: sum(1 for s in selections if LABELS[int(probs[s.index].argmax())] == label) for label in LABELS}
+
+
+def label(labeler: OracleLabeler, text_hashes: Sequence[str]) -> list[str | None]:
+    """The oracle's answers to label requests (None: it has no label for that text)."""
+    return labeler.labels_of(text_hashes)
+
+
+def generate(make: VariationMaker | None, items: Sequence[tuple[str, str]], predict_proba: Proba | None) -> Generated:
+    """Label-preserving LLM rewrites of newly labeled items, filtered by the current model's consistency check."""
+    if make is None or not items:
+        return Generated([[] for _ in items])
+    return make(items, predict_proba)
+
+
+def build(
+    base: Sequence[Example], human: Sequence[tuple[str, str]], variations: Sequence[tuple[str, str]]
+) -> list[Example]:
+    """The training set: the base data, every human (or oracle) label so far, every accepted variation."""
+    return [*base, *(Example(t, y) for t, y in human), *(Example(t, y) for t, y in variations)]
+
+
+def train(
+    examples: Sequence[Example],
+    dev: Sequence[Example],
+    config: FineTuneConfig,
+    work_dir: Path,
+    *,
+    fingerprints: dict[str, str],
+    cache_dir: Path,
+    progress: bool = False,
+) -> tuple[Path, ModelCard]:
+    """Fine-tune, export int8 ONNX and check it against torch, into `work_dir`: (staging dir, unpublished card)."""
+    job = TrainJob(
+        train=examples, dev=dev, config=config, fingerprints=fingerprints, cache_dir=cache_dir, progress=progress
+    )
+    return train_model(job, work_dir)
+
+
+def open_candidate(staging: Path, *, max_seq_len: int) -> OnnxClassifier:
+    """The trained, not yet published model as the service would run it (int8 ONNX)."""
+    return OnnxClassifier(staging, version="candidate", threads=2, max_seq_len=max_seq_len)
+
+
+def evaluate(classifier: OnnxClassifier, examples: Sequence[Example]) -> dict[str, Any]:
+    """The served (int8 ONNX) model's report on the eval set, one text per forward pass as served."""
+    return evaluation.evaluate(classifier, examples)
+
+
+def gate(
+    candidate: dict[str, Any], current: dict[str, Any] | None, *, max_f1_drop: float, max_recall_drop: float
+) -> gate_module.GateDecision:
+    """Whether the candidate may replace the current model (see gate.py)."""
+    return gate_module.gate(candidate, current, max_f1_drop=max_f1_drop, max_recall_drop=max_recall_drop)
+
+
+def publish(
+    registry: ModelRegistry, staging: Path, card: ModelCard, *, eval_report: dict[str, Any], cycle_id: str
+) -> str:
+    """Publish the candidate as the registry's new current version (parent: the old current)."""
+    version = registry.new_version_name()
+    card = card.model_copy(
+        update={
+            "version": version,
+            "parent": registry.current(),
+            "metrics": {**card.metrics, "eval": eval_report, "cycle": cycle_id},
+        }
+    )
+    registry.publish(staging, card, make_current=True)
+    return version

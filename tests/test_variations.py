@@ -20,7 +20,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from guardloop.trainer.llm_server import LLMServerError, LocalLLMServer
 from guardloop.trainer.variations import (
     HygieneConfig,
     VariationConfig,
@@ -33,6 +32,7 @@ from guardloop.trainer.variations import (
     length_bounds,
     neutralize_post,
 )
+from guardloop.trainer.variations.llm_server import LLMServerError, LocalLLMServer
 
 from guardloop.core.labels import LABELS
 from tests.conftest import free_port, wait_for
@@ -472,7 +472,7 @@ def test_embedded_server_exits_when_its_parent_is_killed(tmp_path) -> None:
     pid_file = tmp_path / "pid"
     script = (
         "import sys, time\n"
-        "from trainer.llm_server import LocalLLMServer\n"
+        "from guardloop.trainer.variations.llm_server import LocalLLMServer\n"
         "server = LocalLLMServer(); server.start()\n"
         f"open({str(pid_file)!r}, 'w').write(str(server.pid))\n"
         "time.sleep(120)\n"

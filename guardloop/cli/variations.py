@@ -21,8 +21,8 @@ from guardloop.cli.app import (
 from guardloop.core.errors import UserError
 from guardloop.core.settings import Settings
 from guardloop.models.registry import ModelRegistry, open_classifier
-from guardloop.trainer.llm_server import LLMServerError
 from guardloop.trainer.variations import VariationGenerator
+from guardloop.trainer.variations.llm_server import LLMServerError
 
 
 @app.command()

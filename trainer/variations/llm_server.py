@@ -1,8 +1,8 @@
 """The embedded offline LLM: SmolLM2-135M-Instruct served by llama-cpp-python's OpenAI-compatible server.
 
 `LocalLLMServer` starts the server as a child process on loopback, waits until it answers, and stops it on exit.
-Running this module (`python -m trainer.llm_server ...`) is the child: it takes llama_cpp.server's own flags,
-plus two of ours, and runs that server.
+Running this module (`python -m guardloop.trainer.variations.llm_server ...`) is the child: it takes
+llama_cpp.server's own flags, plus two of ours, and runs that server.
 
 Why a child entry point of our own instead of `python -m llama_cpp.server`:
 - llama.cpp's extra CPU buffer types (AMX tiles, weight repacking) crash with SIGSEGV on the first decode on VMs
@@ -96,7 +96,7 @@ class LocalLLMServer:
         command = [
             sys.executable,
             "-m",
-            "guardloop.trainer.llm_server",
+            "guardloop.trainer.variations.llm_server",
             "--model",
             str(model_path),
             "--model_alias",

@@ -1,0 +1,41 @@
+"""Label-preserving variations of labeled texts, written by an LLM behind any OpenAI-compatible endpoint.
+
+For each (text, label) the LLM is asked for k variations that keep the label (the template of Hassan et al. 2024,
+with one few-shot exchange per class). What comes back goes through output hygiene — numbering and chatter
+stripped, empty lines, copies of the original, duplicates and near-duplicates dropped, lengths bounded — and an
+optional consistency filter: variations the current model confidently puts in another class are dropped.
+
+One module per job: `prompt` (what is asked), `hygiene` (what is kept), `generator` (the client, retries and
+failures), `records` (what came out), `llm_server` (the embedded llama.cpp server used when no endpoint is set).
+"""
+
+from __future__ import annotations
+
+from guardloop.trainer.variations.generator import VariationConfig, VariationError, VariationGenerator
+from guardloop.trainer.variations.hygiene import (
+    HygieneConfig,
+    PredictProba,
+    apply_hygiene,
+    clean_line,
+    consistency_filter,
+    length_bounds,
+)
+from guardloop.trainer.variations.prompt import build_messages, neutralize_post
+from guardloop.trainer.variations.records import VariationBatch, VariationResult, VariationStats
+
+__all__ = [
+    "HygieneConfig",
+    "PredictProba",
+    "VariationBatch",
+    "VariationConfig",
+    "VariationError",
+    "VariationGenerator",
+    "VariationResult",
+    "VariationStats",
+    "apply_hygiene",
+    "build_messages",
+    "clean_line",
+    "consistency_filter",
+    "length_bounds",
+    "neutralize_post",
+]

@@ -1,0 +1,359 @@
+"""The variation generator: requests through the official `openai` client (its own retries off) to any
+OpenAI-compatible endpoint, or to the embedded llama.cpp server it starts; a retry loop with exponential
+backoff and jitter that counts and logs each attempt; failures recorded on the item, never raised mid-batch."""
+
+from __future__ import annotations
+
+import copy
+import logging
+import random
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field, fields
+from types import TracebackType
+from typing import TYPE_CHECKING, Any
+
+from guardloop.trainer.variations.hygiene import HygieneConfig, PredictProba, apply_hygiene, consistency_filter
+from guardloop.trainer.variations.llm_server import LocalLLMServer
+from guardloop.trainer.variations.prompt import build_messages
+from guardloop.trainer.variations.records import VariationBatch, VariationResult, VariationStats
+
+from guardloop.core import telemetry
+from guardloop.core.labels import parse_label
+
+if TYPE_CHECKING:
+    import openai
+
+    from guardloop.core.settings import Settings
+
+log = logging.getLogger(__name__)
+
+
+# --------------------------------------------------------------------------------------------- the generator
+@dataclass(frozen=True)
+class VariationConfig:
+    k: int = 5
+    temperature: float = 0.8
+    max_tokens: int = 256
+    timeout: float = 60.0  # seconds per request
+    retries: int = 2  # attempts after the first one
+    backoff: float = 1.0  # seconds before the first retry; doubles each time
+    max_backoff: float = 30.0
+    consistency_threshold: float = 0.8
+    stop_after_consecutive_failures: int = 3  # generate_many gives up on an endpoint that keeps failing
+    hygiene: HygieneConfig = field(default_factory=HygieneConfig)
+
+    def __post_init__(self) -> None:
+        if self.k < 1:
+            raise ValueError("k must be at least 1")
+        if self.retries < 0 or self.timeout <= 0 or self.backoff < 0:
+            raise ValueError("retries must be >= 0, timeout > 0 and backoff >= 0")
+
+
+class _AttemptFailed(Exception):
+    def __init__(self, reason: str, detail: str, retryable: bool) -> None:
+        super().__init__(f"{reason}: {detail}")
+        self.reason = reason
+        self.detail = detail
+        self.retryable = retryable
+
+
+class VariationGenerator:
+    """Writes label-preserving variations through an OpenAI-compatible endpoint.
+
+    With `base_url=None` it starts the embedded SmolLM2 server (LocalLLMServer) on `start()` / `with` and stops it
+    on `close()`. Use one generator per thread.
+    """
+
+    def __init__(
+        self,
+        config: VariationConfig | None = None,
+        *,
+        base_url: str | None = None,
+        model: str | None = None,
+        api_key: str | None = None,
+        predict_proba: PredictProba | None = None,
+        embedded_server: Callable[[], LocalLLMServer] | None = None,
+    ) -> None:
+        self.config = config or VariationConfig()
+        self.base_url = base_url
+        self.model = model
+        self._api_key = api_key
+        self.predict_proba = predict_proba
+        self._embedded_server_factory = embedded_server
+        self._server: LocalLLMServer | None = None
+        self._client: openai.OpenAI | None = None
+        self.stats = VariationStats()
+
+    @classmethod
+    def from_settings(cls, settings: Settings, predict_proba: PredictProba | None = None) -> VariationGenerator:
+        config = VariationConfig(
+            k=settings.llm_variations,
+            temperature=settings.llm_temperature,
+            max_tokens=settings.llm_max_tokens,
+            timeout=settings.llm_timeout_seconds,
+            retries=settings.llm_retries,
+            backoff=settings.llm_backoff_seconds,
+            consistency_threshold=settings.llm_consistency_threshold,
+        )
+
+        def embedded_server() -> LocalLLMServer:
+            return LocalLLMServer(threads=settings.llm_threads, seed=settings.seed)
+
+        return cls(
+            config,
+            base_url=settings.llm_base_url,
+            model=settings.llm_model,
+            api_key=settings.llm_api_key.get_secret_value() if settings.llm_api_key else None,
+            predict_proba=predict_proba,
+            embedded_server=embedded_server,
+        )
+
+    # ----------------------------------------------------------------------------------------- lifecycle
+    def __enter__(self) -> VariationGenerator:
+        self.start()
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.close()
+
+    def start(self) -> None:
+        """Start the embedded server when no endpoint is configured (raises LLMServerError if it cannot)."""
+        if self._client is not None:
+            return
+        import openai  # about a second to import: only a generator that is started pays it
+
+        base_url = self.base_url
+        if base_url is None:
+            factory = self._embedded_server_factory or LocalLLMServer
+            self._server = factory()
+            self._server.start()
+            base_url = self._server.base_url
+            self.model = self.model or self._server.model
+        self._client = openai.OpenAI(
+            base_url=base_url,
+            api_key=self._api_key or "unused",  # local servers want none; the client wants a string
+            timeout=self.config.timeout,
+            max_retries=0,  # retries happen in _request, where they are counted and logged
+        )
+        log.info("LLM variations via %s (model %s)", base_url, self.model or "first listed by the server")
+
+    def close(self) -> None:
+        if self._client is not None:
+            self._client.close()
+            self._client = None
+        if self._server is not None:
+            self._server.stop()
+            self._server = None
+
+    @property
+    def endpoint(self) -> str | None:
+        return self._server.base_url if self._server else self.base_url
+
+    # ----------------------------------------------------------------------------------------- generation
+    def generate(self, text: str, label: str) -> VariationResult:
+        """Variations for one labeled text. Endpoint failures are recorded on the result, never raised."""
+        label = parse_label(label)
+        self.start()
+        result = VariationResult(text=text, label=label)
+        started = time.monotonic()
+        try:
+            content, tokens = self._request(build_messages(text, label, self.config.k), result)
+        except _AttemptFailed as failure:
+            result.error, result.error_detail = failure.reason, failure.detail
+        else:
+            result.raw_output = content
+            result.completion_tokens = tokens
+            self._accept(result, content)
+        result.seconds = time.monotonic() - started
+        self._count(result)
+        return result
+
+    def generate_many(
+        self,
+        items: Iterable[tuple[str, str]],
+        *,
+        raise_on_failure: bool = False,
+        on_result: Callable[[VariationResult], None] | None = None,
+    ) -> VariationBatch:
+        """Variations for each (text, label); carries on past failed items and reports them in the batch.
+
+        After `config.stop_after_consecutive_failures` failed items in a row the endpoint is taken to be down:
+        the remaining items are marked failed ("endpoint_down") without sending them. With raise_on_failure,
+        the first failed item raises VariationError instead.
+        """
+        pairs = [(text, parse_label(label)) for text, label in items]
+        before = copy.deepcopy(self.stats)
+        results: list[VariationResult] = []
+        consecutive_failures = 0
+        for index, (text, label) in enumerate(pairs):
+            if consecutive_failures >= self.config.stop_after_consecutive_failures:
+                result = VariationResult(
+                    text=text,
+                    label=label,
+                    error="endpoint_down",
+                    error_detail=f"not sent: the {consecutive_failures} items before it failed",
+                )
+                self._count(result)
+            else:
+                result = self.generate(text, label)
+            consecutive_failures = consecutive_failures + 1 if result.failed else 0
+            if result.failed:
+                log.error(
+                    "LLM variations failed for item %d/%d (%s): %s: %s",
+                    index + 1,
+                    len(pairs),
+                    label,
+                    result.error,
+                    result.error_detail,
+                )
+                if raise_on_failure:
+                    raise VariationError(result)
+            else:
+                log.info(
+                    "item %d/%d (%s): %d accepted, filtered %s, %d attempt(s), %.1fs",
+                    index + 1,
+                    len(pairs),
+                    label,
+                    len(result.accepted),
+                    dict(result.filtered) or "nothing",
+                    result.attempts,
+                    result.seconds,
+                )
+            results.append(result)
+            if on_result is not None:
+                on_result(result)
+        return VariationBatch(results=results, stats=_stats_since(before, self.stats))
+
+    def _accept(self, result: VariationResult, content: str) -> None:
+        candidates, result.filtered = apply_hygiene(result.text, content, self.config.hygiene)
+        if not candidates and not result.filtered:
+            result.error, result.error_detail = "garbage_output", f"no variation in the answer: {content[:200]!r}"
+            result.attempt_errors.append("garbage_output")
+            self.stats.failures["garbage_output"] += 1
+            return
+        if self.predict_proba is not None and candidates:
+            try:
+                candidates, inconsistent = consistency_filter(
+                    candidates, result.label, self.predict_proba, self.config.consistency_threshold
+                )
+            except Exception as exc:  # the model is not the LLM's fault, but unverified variations are not kept
+                log.exception("consistency check failed; dropping %d unverified variations", len(candidates))
+                result.filtered["unverified"] += len(candidates)
+                candidates = []
+                result.error_detail = f"consistency check failed: {exc}"
+            else:
+                if inconsistent:
+                    result.filtered["inconsistent_label"] += inconsistent
+        if len(candidates) > self.config.k:
+            result.filtered["surplus"] += len(candidates) - self.config.k
+        result.accepted = candidates[: self.config.k]
+
+    def _count(self, result: VariationResult) -> None:
+        self.stats.items += 1
+        self.stats.items_failed += int(result.failed)
+        self.stats.accepted += len(result.accepted)
+        self.stats.filtered.update(result.filtered)
+        self.stats.completion_tokens += result.completion_tokens
+        if result.attempts:  # sent: one LLM request for the Prometheus metrics, its retries included
+            telemetry.record_llm_request(result.seconds, failed=result.failed)
+        telemetry.record_variations(len(result.accepted), sum(result.filtered.values()))
+
+    # ----------------------------------------------------------------------------------------- one request
+    def _request(self, messages: list[dict[str, str]], result: VariationResult) -> tuple[str, int]:
+        """The answer's text and completion tokens, after up to 1 + retries attempts with exponential backoff."""
+        attempts = 1 + self.config.retries
+        for attempt in range(attempts):
+            if attempt:
+                delay = min(self.config.max_backoff, self.config.backoff * 2 ** (attempt - 1))
+                delay *= random.uniform(0.5, 1.0)  # jitter: retries from several trainers do not line up
+                self.stats.retries += 1
+                time.sleep(delay)
+            result.attempts += 1
+            try:
+                return self._attempt(messages)
+            except _AttemptFailed as failure:
+                self.stats.failures[failure.reason] += 1
+                result.attempt_errors.append(failure.reason)
+                if not failure.retryable or attempt == attempts - 1:
+                    raise
+                log.warning(
+                    "LLM request failed (%s: %s); retry %d of %d",
+                    failure.reason,
+                    failure.detail,
+                    attempt + 1,
+                    self.config.retries,
+                )
+        raise AssertionError("unreachable")
+
+    def _attempt(self, messages: list[dict[str, str]]) -> tuple[str, int]:
+        import openai
+
+        assert self._client is not None
+        started = time.monotonic()
+        self.stats.requests += 1
+        try:
+            model = self.model or self._first_listed_model()
+            response: Any = self._client.chat.completions.create(
+                model=model,
+                messages=messages,  # type: ignore[arg-type]
+                temperature=self.config.temperature,
+                max_tokens=self.config.max_tokens,
+            )
+        except openai.APITimeoutError as exc:
+            raise _AttemptFailed("timeout", f"no answer within {self.config.timeout:g}s", retryable=True) from exc
+        except openai.APIConnectionError as exc:
+            raise _AttemptFailed("connection", _describe_connection_error(exc), retryable=True) from exc
+        except openai.APIStatusError as exc:
+            retryable = exc.status_code >= 500 or exc.status_code in (408, 409, 429)
+            raise _AttemptFailed(f"http_{exc.status_code}", _short(str(exc)), retryable=retryable) from exc
+        except (openai.APIResponseValidationError, ValueError) as exc:  # ValueError: a body that is not JSON
+            raise _AttemptFailed("garbage_output", _short(f"{type(exc).__name__}: {exc}"), retryable=False) from exc
+        finally:
+            self.stats.request_seconds += time.monotonic() - started
+        return _answer_text(response)
+
+    def _first_listed_model(self) -> str:
+        assert self._client is not None
+        models = [entry.id for entry in self._client.models.list()]
+        if not models:
+            raise _AttemptFailed("no_model", "the endpoint lists no models; set GUARDLOOP_LLM_MODEL", retryable=False)
+        self.model = models[0]
+        return self.model
+
+
+class VariationError(Exception):
+    """Raised by generate_many(raise_on_failure=True) for the first item the LLM failed on."""
+
+    def __init__(self, result: VariationResult) -> None:
+        super().__init__(f"LLM variations failed ({result.error}): {result.error_detail}")
+        self.result = result
+
+
+def _answer_text(response: Any) -> tuple[str, int]:
+    """The first choice's text; anything that is not a chat completion with text is garbage."""
+    try:
+        content = response.choices[0].message.content
+        usage = getattr(response, "usage", None)
+        tokens = int(getattr(usage, "completion_tokens", 0) or 0)
+    except (AttributeError, IndexError, TypeError) as exc:
+        raise _AttemptFailed("garbage_output", _short(f"not a chat completion: {response!r}"), retryable=False) from exc
+    if not isinstance(content, str) or not content.strip():
+        raise _AttemptFailed("garbage_output", "the answer has no text", retryable=False)
+    return content, tokens
+
+
+def _describe_connection_error(exc: Exception) -> str:
+    cause = exc.__cause__ or exc.__context__
+    return _short(f"{exc}: {cause}" if cause else str(exc))
+
+
+def _short(text: str, limit: int = 300) -> str:
+    text = " ".join(text.split())
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _stats_since(before: VariationStats, now: VariationStats) -> VariationStats:
+    return VariationStats(**{f.name: getattr(now, f.name) - getattr(before, f.name) for f in fields(VariationStats)})

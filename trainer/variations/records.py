@@ -1,0 +1,103 @@
+"""What generating variations produced: per item (accepted, filtered and why, attempts, error) and in total."""
+
+from __future__ import annotations
+
+import logging
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+
+# --------------------------------------------------------------------------------------------- results and counts
+@dataclass
+class VariationResult:
+    """What one labeled text got: accepted variations, what was filtered and why, and how the requests went."""
+
+    text: str
+    label: str
+    accepted: list[str] = field(default_factory=list)
+    filtered: Counter[str] = field(default_factory=Counter)
+    # Why the item got nothing from the LLM: timeout, connection, http_503, garbage_output, endpoint_down, ...
+    error: str | None = None
+    error_detail: str | None = None
+    attempt_errors: list[str] = field(default_factory=list)  # one reason per failed attempt, retried ones included
+    attempts: int = 0
+    seconds: float = 0.0
+    completion_tokens: int = 0
+    raw_output: str | None = None
+
+    @property
+    def failed(self) -> bool:
+        return self.error is not None
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "text": self.text,
+            "label": self.label,
+            "accepted": self.accepted,
+            "filtered": dict(self.filtered),
+            "error": self.error,
+            "error_detail": self.error_detail,
+            "attempts": self.attempts,
+            "attempt_errors": self.attempt_errors,
+            "seconds": round(self.seconds, 3),
+            "completion_tokens": self.completion_tokens,
+        }
+
+
+@dataclass
+class VariationStats:
+    """Running totals of one generator, per HTTP attempt. The Prometheus metrics (guardloop_llm_*, counted in
+    `_count`) count per item instead: one request with its retries, failed when no usable answer came.
+
+    Not locked: one generator belongs to one thread (readers only ever see slightly stale numbers).
+    """
+
+    requests: int = 0  # HTTP requests sent, retries included
+    failures: Counter[str] = field(default_factory=Counter)  # failed attempts by reason
+    retries: int = 0
+    request_seconds: float = 0.0  # sum of request latencies
+    completion_tokens: int = 0
+    items: int = 0
+    items_failed: int = 0
+    accepted: int = 0
+    filtered: Counter[str] = field(default_factory=Counter)  # by reason
+
+    @property
+    def failures_total(self) -> int:
+        return sum(self.failures.values())
+
+    @property
+    def filtered_total(self) -> int:
+        return sum(self.filtered.values())
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "requests": self.requests,
+            "failures": self.failures_total,
+            "failures_by_reason": dict(self.failures),
+            "retries": self.retries,
+            "request_seconds": round(self.request_seconds, 3),
+            "completion_tokens": self.completion_tokens,
+            "items": self.items,
+            "items_failed": self.items_failed,
+            "accepted": self.accepted,
+            "filtered": self.filtered_total,
+            "filtered_by_reason": dict(self.filtered),
+        }
+
+
+@dataclass
+class VariationBatch:
+    results: list[VariationResult]
+    stats: VariationStats  # this batch only
+
+    @property
+    def failed(self) -> list[VariationResult]:
+        return [result for result in self.results if result.failed]
+
+    def labeled_variations(self) -> list[tuple[str, str]]:
+        """(variation, label) pairs ready for a training set."""
+        return [(variation, result.label) for result in self.results for variation in result.accepted]

@@ -32,6 +32,7 @@ from guardloop.core.labels import LABELS
 from guardloop.core.seed import SEED_DIR
 from tests.tiny_bert import write_tiny_bert
 
+pytestmark = pytest.mark.slow  # a real (tiny) training and optimum export: ~40 s here
 torch.set_num_threads(1)
 MAX_LEN = 32
 

@@ -20,21 +20,21 @@ from guardloop.service.docs import add_offline_docs
 from guardloop.service.errors import describe_validation_error, document_validation_errors_as_text, http_error_detail
 from guardloop.service.guideline_store import GuidelineStore, watch_guidelines
 from guardloop.service.limits import BodySizeLimit
-from guardloop.service.metrics import HttpMetrics
 from guardloop.service.model_holder import ModelHolder
 from guardloop.service.rate_limit import RateLimit, TokenBuckets, WorkLimit, build_groups
 from guardloop.service.routers import (
     classify,
     guidelines,
     health,
-    metrics,
-    models,
+    model_versions,
     moderations,
     pool,
+    prometheus,
     review,
     review_page,
 )
 from guardloop.service.security_headers import SecurityHeaders
+from guardloop.service.service_metrics import HttpMetrics
 from guardloop.service.storage_lifespan import open_storage
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
@@ -140,11 +140,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         return JSONResponse({"detail": describe_validation_error(exc)}, status_code=422)
 
     app.include_router(health.router)
-    app.include_router(metrics.router)
+    app.include_router(prometheus.router)
     app.include_router(classify.router)
     app.include_router(moderations.router, dependencies=[Depends(client_identity)])  # API keys, client id
     app.include_router(guidelines.router)
-    app.include_router(models.router)
+    app.include_router(model_versions.router)
     app.include_router(review.router)
     app.include_router(review_page.router)
     app.include_router(pool.router)

@@ -15,8 +15,8 @@ from contextlib import asynccontextmanager
 from datetime import UTC, datetime, timedelta
 
 from fastapi import FastAPI
-from guardloop.service.metrics import refresh_database_gauges
 from guardloop.service.pool_writer import PoolLogger, PoolSampler, PoolWriter
+from guardloop.service.service_metrics import refresh_database_gauges
 
 from guardloop.core.settings import Settings
 from guardloop.storage import Database, PoolRepository, StorageError

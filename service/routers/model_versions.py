@@ -1,3 +1,6 @@
+"""GET /models/current (the version this replica serves, its card) and POST /admin/reload (load the registry's
+current version now): the service's view of the model versions the registry (guardloop.models) holds."""
+
 from __future__ import annotations
 
 import asyncio

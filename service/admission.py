@@ -101,10 +101,17 @@ class FairQueue:
             self.total_tokens += item.tokens
             self.total_texts += 1
 
-    def _next_client(self) -> str:
-        return min(
-            self._clients, key=lambda client: (self._clients[client][0].start, self._clients[client][0].sequence)
-        )
+    def _is_long(self, item: Pending) -> bool:
+        return item.tokens > self.long_tokens
+
+    def has_short(self) -> bool:
+        """Whether some client's next text is short (what the short-only lane can take)."""
+        return any(not self._is_long(items[0]) for items in self._clients.values())
+
+    def _next_client(self, short_only: bool = False) -> str | None:
+        heads = [(items[0].start, items[0].sequence, client, items[0]) for client, items in self._clients.items()]
+        candidates = [head for head in heads if not (short_only and self._is_long(head[3]))]
+        return min(candidates, key=lambda head: head[:2])[2] if candidates else None
 
     def _pop(self, client: str) -> Pending:
         items = self._clients[client]
@@ -120,19 +127,22 @@ class FairQueue:
         self._virtual = max(self._virtual, item.start)
         return item
 
-    def take_batch(self, max_texts: int, max_tokens: int) -> list[Pending]:
-        """Up to `max_texts` texts in fair order, all short or all long, whose padded size (texts x longest) stays
-        within `max_tokens`; the first text is always taken. Texts whose caller gave up are dropped on the way."""
+    def take_batch(self, max_texts: int, max_tokens: int, *, short_only: bool = False) -> list[Pending]:
+        """Up to `max_texts` texts in fair order, all short or all long (`short_only`: short ones), whose padded size
+        (texts x longest) stays within `max_tokens`; the first text is always taken. Texts whose caller gave up are
+        dropped on the way."""
         batch: list[Pending] = []
         longest = 0
         while self._clients and len(batch) < max_texts:
-            client = self._next_client()
+            client = self._next_client(short_only)
+            if client is None:
+                break
             item = self._clients[client][0]
             if item.future.done():  # the caller went away (cancelled): no forward pass for it
                 self._pop(client)
                 continue
             if batch:
-                other_kind = (item.tokens > self.long_tokens) != (batch[0].tokens > self.long_tokens)
+                other_kind = self._is_long(item) != self._is_long(batch[0])
                 if other_kind or (len(batch) + 1) * max(longest, item.tokens) > max_tokens:
                     break  # this text has the smallest tag left: it opens the next batch
             batch.append(self._pop(client))

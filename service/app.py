@@ -77,6 +77,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             max_tokens=settings.batch_max_tokens,
             max_queue_tokens=settings.queue_max_tokens,
             max_seq_len=settings.max_seq_len,
+            short_lane=settings.batch_short_lane,
             on_batch=telemetry.BATCH_SIZE.observe,
         )
         batcher.start()

@@ -2,9 +2,10 @@
 
 A batch holds at most `max_size` texts and `max_tokens` padded tokens, formed in fair order across clients, short
 and long texts apart (service/admission.py): a lone request pays almost nothing, a burst runs in a few large
-passes, and a caller with many long texts shares the batches instead of filling them. Each text waits at most
-`max_wait` for others to join. When a forward pass raises, its texts are re-run one by one and only those that
-fail alone fail (TextRejected): batch-mates of a malformed text never see its error.
+passes, and a caller with many long texts shares the batches instead of filling them. With `short_lane` a second
+inference thread runs short texts only: a one-line request then never waits for a long text's forward pass.
+Each text waits at most `max_wait` for others to join. When a forward pass raises, its texts are re-run one by
+one and only those that fail alone fail (TextRejected): batch-mates of a malformed text never see its error.
 """
 
 from __future__ import annotations
@@ -82,6 +83,7 @@ class MicroBatcher:
         max_queue_tokens: int = 1 << 30,
         max_seq_len: int = 128,
         workers: int = 1,
+        short_lane: bool = False,
         on_batch: Callable[[int], None] | None = None,
     ) -> None:
         self._get_model = get_model
@@ -91,16 +93,19 @@ class MicroBatcher:
         self._max_queue_tokens = max_queue_tokens
         self._max_seq_len = max_seq_len
         self._workers = workers
+        self._short_lane = short_lane
         self._on_batch = on_batch
         self._queue = FairQueue(long_tokens=max_seq_len // 2)
         self._arrived: asyncio.Event | None = None  # created in start(): it belongs to the running loop
-        self._executor = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="inference")
+        self._executor = ThreadPoolExecutor(max_workers=workers + short_lane, thread_name_prefix="inference")
         self._tasks: list[asyncio.Task[None]] = []
         self.drain_tokens_per_second = INITIAL_DRAIN_TOKENS_PER_SECOND
 
     def start(self) -> None:
         self._arrived = asyncio.Event()
         self._tasks = [asyncio.create_task(self._run(), name=f"batcher-{i}") for i in range(self._workers)]
+        if self._short_lane:
+            self._tasks.append(asyncio.create_task(self._run(short_only=True), name="batcher-short"))
 
     async def stop(self) -> None:
         for task in self._tasks:
@@ -146,11 +151,12 @@ class MicroBatcher:
             return _stack(rows), newest
         return _stack([row for row, _ in results]), results[0][1]
 
-    async def _run(self) -> None:
+    async def _run(self, *, short_only: bool = False) -> None:
+        """One inference lane; the short-only lane takes short texts only, so they never wait for a long pass."""
         assert self._arrived is not None
         loop = asyncio.get_running_loop()
         while True:
-            while not self._queue:
+            while not (self._queue.has_short() if short_only else self._queue):
                 self._arrived.clear()
                 await self._arrived.wait()
             # One turn of the event loop lets requests whose bytes already arrived reach the queue: under load
@@ -163,7 +169,7 @@ class MicroBatcher:
                     await asyncio.wait_for(self._arrived.wait(), remaining)
                 except TimeoutError:
                     break
-            batch = self._queue.take_batch(self._max_size, self._max_tokens)
+            batch = self._queue.take_batch(self._max_size, self._max_tokens, short_only=short_only)
             if not batch:
                 continue
             await self._forward(loop, batch)

@@ -455,3 +455,25 @@ def test_failed_authentications_are_limited_per_address(settings, tiny_model):
         assert client.get("/review/queue", headers=wrong).status_code == 429  # reviewer routes count too
         assert client.post("/classify", json={"text": "hi"}).status_code == 200  # classify is not affected
         assert other.get("/admin/pool", headers=right).status_code == 200  # another address is not
+
+
+@pytest.mark.anyio
+async def test_with_a_short_lane_a_one_line_text_is_answered_while_a_long_pass_runs():
+    class HoldsLongTexts(FakeClassifier):
+        def predict_proba(self, texts: list[str]) -> np.ndarray:
+            self.hold = any(len(text) > 1000 for text in texts)  # only passes with long texts wait for release
+            return super().predict_proba(texts)
+
+    model = FakeModel(HoldsLongTexts(), "v1")
+    batcher, _ = batcher_for(model, max_size=32, max_tokens=128, short_lane=True)
+    await started(batcher)
+    try:
+        flood = asyncio.ensure_future(batcher.predict(["x" * 4000] * 4, "heavy"))
+        await entered(model.classifier)  # a long text's pass is held in the other lane
+        probs, _ = await asyncio.wait_for(batcher.predict(["hello"], "light"), 30)  # answered meanwhile
+        assert not flood.done()
+        model.classifier.release.set()
+        await flood
+    finally:
+        await stopped(batcher, model)
+    assert probs.shape == (1, len(LABELS)) and ["hello"] in model.classifier.batches

@@ -106,6 +106,7 @@ def start_service(
     database_url: str | None,
     pool: bool,
     admin_token: str,
+    extra_env: dict[str, str] | None = None,
 ) -> Service:
     port = free_port()
     # Only what the benchmark decides: both services identical but for pool logging (and their data dirs).
@@ -126,6 +127,7 @@ def start_service(
     )
     if database_url:
         env["GUARDLOOP_DATABASE_URL"] = database_url
+    env.update(extra_env or {})  # what another benchmark sets on top (e.g. API keys naming its clients)
     data_dir.mkdir(parents=True, exist_ok=True)
     log_path = data_dir / "service.log"
     with log_path.open("wb") as log_file:

@@ -1,4 +1,5 @@
-"""`guardloop bench ...`: benchmarks that print numbers (classify latency, soak with hot-swaps, pool logging cost)."""
+"""`guardloop bench ...`: benchmarks that print numbers (classify latency, soak with hot-swaps, pool logging cost,
+a light caller beside heavy and hostile ones)."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ from typing import Annotated
 import typer
 
 from guardloop.bench.classify import run_classify_bench
+from guardloop.bench.neighbours import run_neighbours_bench
 from guardloop.bench.pool import run_pool_bench
 from guardloop.bench.soak import run_soak_bench
 from guardloop.cli.app import app, friendly_errors, load_settings
@@ -140,3 +142,27 @@ def bench_quantization(
     )
     if as_json:
         typer.echo(json.dumps(rows))
+
+
+@bench_app.command("neighbours")
+@friendly_errors
+def bench_neighbours(
+    seconds: Annotated[float, typer.Option(min=1, help="length of each phase (light alone, light beside)")] = 20,
+    p99_ratio: Annotated[float, typer.Option(min=1, help="largest light p99 beside the others, in p99s alone")] = 5,
+    heavy_wait_ratio: Annotated[
+        float, typer.Option(min=1, help="longest heavy wait, in one heavy request's time on an idle service")
+    ] = 2.5,
+    registry_dir: Annotated[Path | None, typer.Option(help="whose current model to run (default: settings)")] = None,
+) -> None:
+    """A light one-text client alone, then beside two heavy clients (largest legal requests) and a hostile one
+    (malformed requests): its p50/p99 and failures side by side, and what the others got. Exit 1 on a missed target."""
+    settings = load_settings()
+    met = run_neighbours_bench(
+        settings=settings,
+        registry_dir=registry_dir or settings.registry_dir,
+        seconds=seconds,
+        p99_ratio=p99_ratio,
+        heavy_wait_ratio=heavy_wait_ratio,
+    )
+    if not met:
+        raise typer.Exit(1)

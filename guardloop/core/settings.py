@@ -54,12 +54,19 @@ class Settings(BaseSettings):
     # wait costs a lone request far more than it saves (p50 4.5 ms at 0 vs 12.3 ms at 2 ms, loopback HTTP).
     batch_max_wait_ms: float = Field(0.0, ge=0, description="longest a text waits for others to join its batch")
     # Work is counted in estimated tokens (characters / 4 + 2, at most max_seq_len per text); the sizes below are
-    # measured here (README, "Admission by work").
+    # measured here (README, "Admission by work"): one inference thread drains ~6,500-8,500 such tokens/s idle
+    # (~2,500-3,800 with the machine shared), and one 128-token text takes ~40 ms shared, which is the longest a
+    # one-line caller then waits for a flood's batch to finish.
     batch_max_tokens: int = Field(
-        1024, ge=8, description="most padded tokens (texts x the longest) in one forward pass; caps a batch's time"
+        128, ge=8, description="most padded tokens (texts x the longest) in one forward pass; caps a batch's time"
     )
+    batch_short_lane: bool = Field(
+        True, description="a second inference thread for short texts only: they never wait for a long text's pass"
+    )
+    # 1.5 x the largest legal request (64 x 128): two clients sending it take turns, half-overlapping, instead of
+    # one of them being refused for as long as the other keeps its request queued.
     queue_max_tokens: int = Field(
-        8192, ge=1, description="work ahead of a request's last text beyond which it is refused at once (503)"
+        12288, ge=1, description="work ahead of a request's last text beyond which it is refused at once (503)"
     )
     registry_poll_seconds: float = Field(5.0, gt=0, description="how often the service checks `current`")
     thresholds: dict[str, float] = Field(
@@ -106,7 +113,7 @@ class Settings(BaseSettings):
     rate_limit_review_per_ip: str | None = Field("1200/minute", description="/review* per client IP")
     rate_limit_review_per_token: str | None = Field("600/minute", description="/review* per reviewer token")
     rate_limit_classify_tokens_per_client: str | None = Field(
-        "4000/second", description="estimated tokens classified per second per API key (or per IP without keys)"
+        "5000/second", description="estimated tokens classified per second per API key (or per IP without keys)"
     )
     rate_limit_auth_failures_per_ip: str | None = Field(
         "20/minute", description="failed authentications (401/403) on /admin/* and /review* per IP"

@@ -105,8 +105,19 @@ def _live(kind: str) -> Any:
     return and_(Label.item_id == PoolItem.id, Label.active.is_(True), Label.kind == kind)
 
 
+def live_review_label() -> Any:
+    """A label that counts as a reviewer's answer: live (not retracted or superseded), a review (not an
+    adjudication), and one of the six labels (not a skip or "unsure")."""
+    return and_(Label.active.is_(True), Label.kind == REVIEW, Label.label.in_(LABELS))
+
+
 def _real_label_count() -> Any:
-    return select(func.count()).where(_live(REVIEW), Label.label.in_(LABELS)).correlate(PoolItem).scalar_subquery()
+    return (
+        select(func.count())
+        .where(Label.item_id == PoolItem.id, live_review_label())
+        .correlate(PoolItem)
+        .scalar_subquery()
+    )
 
 
 class ReviewRepository:
@@ -245,7 +256,7 @@ class ReviewRepository:
         """Items whose reviewers disagree (only possible with labels_per_item >= 2) and nobody adjudicated yet."""
         distinct_labels = (
             select(func.count(func.distinct(Label.label)))
-            .where(_live(REVIEW), Label.label.in_(LABELS))
+            .where(Label.item_id == PoolItem.id, live_review_label())
             .correlate(PoolItem)
             .scalar_subquery()
         )
@@ -285,11 +296,7 @@ class ReviewRepository:
             return LabelView.of(_add_label(session, item_id, reviewer, label, comment, ADJUDICATION))
 
     def _disputed(self, session: Session, item_id: int) -> bool:
-        labels = session.scalars(
-            select(Label.label).where(
-                Label.item_id == item_id, Label.active.is_(True), Label.kind == REVIEW, Label.label.in_(LABELS)
-            )
-        ).all()
+        labels = session.scalars(select(Label.label).where(Label.item_id == item_id, live_review_label())).all()
         return len(labels) >= self.labels_per_item and len(set(labels)) > 1
 
     # ------------------------------------------------------------------ results
@@ -348,17 +355,7 @@ class ReviewRepository:
     def my_label_count(self, reviewer: str) -> int:
         """`reviewer`'s live labels (skips and unsure not counted): cheap, for every page refresh."""
         with self.database.read() as session:
-            return (
-                session.scalar(
-                    select(func.count()).where(
-                        Label.reviewer == reviewer,
-                        Label.active.is_(True),
-                        Label.kind == REVIEW,
-                        Label.label.in_(LABELS),
-                    )
-                )
-                or 0
-            )
+            return session.scalar(select(func.count()).where(Label.reviewer == reviewer, live_review_label())) or 0
 
     def stats(self, reviewer: str | None = None) -> ReviewStats:
         stats = ReviewStats()
@@ -371,9 +368,10 @@ class ReviewRepository:
                 session.scalar(select(func.count()).select_from(PoolItem).where(PoolItem.requested_at.is_not(None)))
                 or 0
             )
-            live_real = and_(Label.active.is_(True), Label.kind == REVIEW, Label.label.in_(LABELS))
             stats.by_reviewer = dict(
-                session.execute(select(Label.reviewer, func.count()).where(live_real).group_by(Label.reviewer)).all()
+                session.execute(
+                    select(Label.reviewer, func.count()).where(live_review_label()).group_by(Label.reviewer)
+                ).all()
             )
             if reviewer is not None:
                 stats.my_labels = stats.by_reviewer.get(reviewer, 0)
@@ -407,17 +405,7 @@ class ReviewRepository:
         return session.scalars(select(Label).where(*conditions)).first()
 
     def _real_count(self, session: Session, item_id: int) -> int:
-        return (
-            session.scalar(
-                select(func.count()).where(
-                    Label.item_id == item_id,
-                    Label.active.is_(True),
-                    Label.kind == REVIEW,
-                    Label.label.in_(LABELS),
-                )
-            )
-            or 0
-        )
+        return session.scalar(select(func.count()).where(Label.item_id == item_id, live_review_label())) or 0
 
     def _adjudicated(self, session: Session, item_id: int) -> bool:
         return self._live_answer(session, item_id, None, ADJUDICATION) is not None

@@ -11,7 +11,7 @@ import math
 
 import numpy as np
 import pytest
-from guardloop.trainer.simulate import class_count_std
+from guardloop.trainer.simulation_results import class_count_std
 from guardloop.trainer.strategies import RareAwareCluster, entropy, make_strategy
 
 from guardloop.core.labels import LABELS, SAFE_LABEL
@@ -69,6 +69,16 @@ def test_acquires_the_rare_class_far_more_often_than_random_and_cluster():
     rare = {name: sum(c[RARE] for c in acquired(name, 20)) for name in ("random", "cluster", "rare-cluster")}
     assert rare["rare-cluster"] >= 10  # of 5 x 20 picks, where the pool holds 2%
     assert rare["rare-cluster"] >= 2 * max(rare["random"], rare["cluster"], 1)
+
+
+def test_an_emergency_the_model_calls_not_harmful_can_fill_an_emergency_slot():
+    emb, probs, truth = skewed_pool()
+    picks = make_strategy("rare-cluster").select(emb, probs, 20, labeled_labels=SEED_LABELS)
+    door = [
+        s for s in picks if s.reason["quota_class"] == "emergency-situation" and s.reason["predicted"] == SAFE_LABEL
+    ]
+    assert len(door) >= 2 and all(0.2 <= s.reason["p_class"] < 0.5 for s in door)
+    assert sum(truth[s.index] == RARE for s in door) >= 2
 
 
 def test_acquired_classes_are_more_balanced_than_clusters():

@@ -28,7 +28,8 @@ from sklearn.metrics import f1_score
 from guardloop.core.datafiles import Example, load_examples
 from guardloop.core.labels import LABELS
 from guardloop.trainer.embeddings import SentenceEmbedder
-from guardloop.trainer.simulate import class_count_std, stratified_split
+from guardloop.trainer.simulate import stratified_split
+from guardloop.trainer.simulation_results import class_count_std
 from guardloop.trainer.strategies import STRATEGIES, make_strategy
 
 RARE = "emergency-situation"

@@ -22,8 +22,8 @@ from guardloop.service.admission import FairQueue, Overloaded, Pending, estimate
 
 log = logging.getLogger(__name__)
 
-# Tokens/s one inference thread drained here with the seed-trained int8 MiniLM (README, "Admission by work"):
-# the Retry-After estimate until the service has measured its own batches.
+# About the estimated tokens/s one inference thread drains here when idle (README, "Sharing the service"): the
+# Retry-After estimate until the service has measured its own batches.
 INITIAL_DRAIN_TOKENS_PER_SECOND = 6000.0
 _DRAIN_SMOOTHING = 0.2  # weight of the newest batch in the moving average of the drain rate
 
@@ -35,8 +35,8 @@ class NoModelLoaded(Exception):
 class TextRejected(Exception):
     """A text failed in a forward pass of its own: the text, not its batch-mates or the model, is at fault."""
 
-    def __init__(self, reason: str, index: int | None = None) -> None:
-        self.reason, self.index = reason, index
+    def __init__(self, reason: str, index: int | None = None, kind: str = "Exception") -> None:
+        self.reason, self.index, self.kind = reason, index, kind  # kind: the exception's type, safe to log
         where = f"text {index}" if index is not None else "a text"
         super().__init__(f"{where} could not be classified ({reason}); send it as valid UTF-8 text")
 
@@ -56,20 +56,20 @@ def _forward_isolated(model: _Model, texts: list[str]) -> list[np.ndarray | Base
         return list(model.classifier.predict_proba(texts))
     except Exception as batch_error:
         if len(texts) == 1:
-            return [TextRejected(_reason(batch_error))]
+            return [_rejected(batch_error)]
         rows: list[np.ndarray | BaseException] = []
         for text in texts:
             try:
                 rows.append(model.classifier.predict_proba([text])[0])
             except Exception as alone:
-                rows.append(TextRejected(_reason(alone)))
+                rows.append(_rejected(alone))
         if all(isinstance(row, BaseException) for row in rows):
             return [batch_error] * len(texts)
         return rows
 
 
-def _reason(exc: BaseException) -> str:
-    return f"{type(exc).__name__}: {str(exc)[:200]}"
+def _rejected(exc: BaseException) -> TextRejected:
+    return TextRejected(f"{type(exc).__name__}: {str(exc)[:200]}", kind=type(exc).__name__)
 
 
 class MicroBatcher:
@@ -212,7 +212,7 @@ def _fail(batch: list[Pending], exc: BaseException) -> None:
 def _unwrap(answer: Any, index: int) -> Any:
     """The answer for the request's text `index`, or its error raised (a rejected text with its index)."""
     if isinstance(answer, TextRejected):
-        raise TextRejected(answer.reason, index)
+        raise TextRejected(answer.reason, index, answer.kind)
     if isinstance(answer, BaseException):
         raise answer
     return answer

@@ -96,7 +96,8 @@ async def classify_texts(request: Request, texts: list[str], *, pooled: int | No
         ) from None
     except TextRejected as exc:
         telemetry.record_refused("text_failed")
-        log.warning("refused a text that fails alone in the model: %s", exc.reason)  # never the text itself
+        # Only the exception's type: its message may quote the text, which is never logged.
+        log.warning("text %s of a request failed alone in the model (%s); answered 422", exc.index, exc.kind)
         raise HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT, str(exc)) from None
     classified = ClassifiedTexts(texts, canonical, [model.classifier.verdict(row) for row in probs], model)
     callers_texts = len(texts) if pooled is None else pooled

@@ -173,11 +173,13 @@ class Settings(BaseSettings):
         return checked
 
     # Active-learning cycle (trainer)
-    cycle_strategy: Literal["random", "topn", "coreset", "cluster"] = Field(
-        "cluster", description="how pool items are picked for labeling"
-    )
+    # rare-cluster: cluster's spread plus quotas by predicted class toward the classes least labeled so far, so the
+    # rare critical classes (emergencies) are acquired instead of the traffic's skew; `cluster` is the paper's.
+    cycle_strategy: Literal[
+        "rare-cluster", "cluster", "random", "topn", "coreset", "small-text-breaking-ties", "small-text-kmeans"
+    ] = Field("rare-cluster", description="how pool items are picked for labeling (trainer/strategies.py)")
     cycle_budget: int = Field(20, ge=1, le=10_000, description="labels requested per cycle")
-    cycle_clusters: int | None = Field(None, ge=2, description="k-means K for the cluster strategy (default: budget)")
+    cycle_clusters: int | None = Field(None, ge=2, description="k-means K for the cluster strategies (default: budget)")
     cycle_max_pool: int = Field(20_000, ge=10, description="most recent unrequested pool items a cycle considers")
     cycle_label_deadline_hours: float = Field(24.0, gt=0, description="after this, a cycle trains on the labels it has")
     cycle_min_labels: int = Field(1, ge=1, description="fewest new labels worth retraining for")

@@ -145,8 +145,9 @@ class MicroBatcher:
         results = [_unwrap(answer, index) for index, answer in enumerate(answers)]
         models = {id(model): model for _, model in results}
         if len(models) > 1:
-            # A swap happened between this request's batches: answer wholly with the newest model.
-            newest = results[-1][1]
+            # A swap happened between this request's batches: answer wholly with the newest model (the current one:
+            # with two lanes the request's last text may have run on the older model).
+            newest = self._get_model() or results[-1][1]
             rows = await loop.run_in_executor(self._executor, _forward_isolated, newest, texts)
             return _stack(rows), newest
         return _stack([row for row, _ in results]), results[0][1]

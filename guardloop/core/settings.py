@@ -54,7 +54,7 @@ class Settings(BaseSettings):
     # wait costs a lone request far more than it saves (p50 4.5 ms at 0 vs 12.3 ms at 2 ms, loopback HTTP).
     batch_max_wait_ms: float = Field(0.0, ge=0, description="longest a text waits for others to join its batch")
     # Work is counted in estimated tokens (characters / 4 + 2, at most max_seq_len per text); the sizes below are
-    # measured here (README, "Admission by work"): one inference thread drains ~6,500-8,500 such tokens/s idle
+    # measured here (README, "Sharing the service"): one inference thread drains ~6,500-8,500 such tokens/s idle
     # (~2,500-3,800 with the machine shared), and one 128-token text takes ~40 ms shared, which is the longest a
     # one-line caller then waits for a flood's batch to finish.
     batch_max_tokens: int = Field(

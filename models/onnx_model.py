@@ -9,9 +9,8 @@ Two things could make a row's output depend on its batch-mates, and both are rem
   shape [rows, padded_length], alone or not; only the number of rows varies, and every op of the exported models
   (int8 MatMuls with fixed scales, LayerNorm, softmax over a row, GELU) computes each row from that row alone.
 - Dynamic int8 quantization (DynamicQuantizeLinear): it picks one activation scale for the whole batch tensor, so
-  a row's scores move with its batch-mates (0.369-0.484 self-harm for one text). Models with that op (registry
-  versions exported before static int8 became the default) run one text per session call instead: slower in
-  batches, but the same scores as alone.
+  a row's scores move with its batch-mates (0.369-0.484 self-harm for one text). Models with that op run one
+  text per session call, unpadded, instead: the same scores as that text sent alone.
 """
 
 from __future__ import annotations
@@ -140,8 +139,13 @@ class OnnxClassifier:
         return list(groups.values())
 
     def _run(self, encodings: Sequence[Any]) -> np.ndarray:
-        """One session call for texts of one padded length, each padded to its own bucket (they all share it)."""
-        width = padded_length(max(len(e.ids) for e in encodings), self.max_seq_len)
+        """One session call for texts of one padded length, each padded to its own bucket (they all share it).
+
+        A dynamic int8 graph runs one text, unpadded: its scale spans pad positions too, so a text there is only
+        "alone" at its exact length (as a lone request was always served).
+        """
+        longest = max(len(e.ids) for e in encodings)
+        width = padded_length(longest, self.max_seq_len) if self.batches_rows_together else longest
         input_ids = np.full((len(encodings), width), self._pad_id, dtype=np.int64)
         attention_mask = np.zeros((len(encodings), width), dtype=np.int64)
         token_type_ids = np.zeros((len(encodings), width), dtype=np.int64)

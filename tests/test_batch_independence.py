@@ -2,7 +2,7 @@
 
 Fast tests use hand-built ONNX graphs that make each hazard explicit (an output that depends on the padded
 width; a DynamicQuantizeLinear whose scale spans the batch). Slow tests put a tiny BERT through the real export
-path (static int8, the default, and dynamic int8, how older registry versions were made) and through the service.
+path (dynamic int8, the default, and static int8) and through the service.
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 from guardloop.models.onnx_model import PAD_MULTIPLE, OnnxClassifier, padded_length
 from guardloop.models.registry import ModelRegistry
+from guardloop.trainer.export import STATIC
 from onnx import TensorProto, helper
 
 from guardloop.core.labels import LABELS
@@ -139,8 +140,8 @@ def test_a_dynamic_int8_graph_runs_each_text_on_its_own(tmp_path):
 def exported(tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("exported")
     return {
-        "static": write_exported_model(root / "static"),
-        "dynamic": write_exported_model(root / "dynamic", quantization="int8-dynamic-per-channel"),
+        "static": write_exported_model(root / "static", quantization=STATIC),
+        "dynamic": write_exported_model(root / "dynamic"),  # the export default
     }
 
 
@@ -148,7 +149,8 @@ def exported(tmp_path_factory) -> dict[str, Path]:
 @pytest.mark.parametrize("variant", ["static", "dynamic"])
 def test_exported_int8_scores_do_not_move_with_batch_mates(exported, variant):
     classifier = OnnxClassifier(exported[variant], version=variant, max_seq_len=64)
-    # The default export is static (batched); a dynamic one (older registry versions) still loads, one text a call.
+    # Static int8 runs in batches; dynamic int8 (the export default, and every older registry version) one text
+    # per call.
     assert classifier.batches_rows_together is (variant == "static")
     probs = classifier.predict_proba(EVAL_TEXTS)
     assert probs.std(axis=0).max() > 0.02  # the scores differ between texts, so a drift would show

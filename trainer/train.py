@@ -88,7 +88,7 @@ def train_model(job: TrainJob, work_dir: Path) -> tuple[Path, ModelCard]:
     result = fine_tune(base_models.minilm_dir(), examples, dev_pairs, job.config, progress=job.progress)
 
     staging = work_dir / "staging"
-    # Static int8 scales are calibrated on (a seeded sample of) the training texts.
+    # With static int8 (see export.py) the activation scales are calibrated on a sample of the training texts.
     quantization = export_onnx(
         result,
         staging,

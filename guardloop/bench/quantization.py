@@ -133,7 +133,7 @@ def run_quantization_bench(
     echo: Callable[[str], None] = print,
 ) -> list[dict[str, Any]]:
     """Export the variants, measure each on `examples` (one ONNX thread), print a table; returns its rows."""
-    calibrations = calibrations or {"minmax-300": Calibration()}
+    calibrations = calibrations or {"default": Calibration()}
     variants = export_variants(checkpoint, work_dir, calibration_texts, calibrations, max_seq_len)
     tokenizer_dir = work_dir / "fp32"
     rows: list[dict[str, Any]] = []

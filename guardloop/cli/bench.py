@@ -123,12 +123,12 @@ def bench_quantization(
     from guardloop.bench.quantization import run_quantization_bench
     from guardloop.trainer.export import Calibration
 
-    calibrations = {"minmax-300": Calibration()}
+    calibrations = {"default": Calibration()}
     if compare_calibrations:
         calibrations |= {
             "minmax-100": Calibration(texts=100),
-            "minmax-all": Calibration(texts=len(calibration_texts)),
-            "minmax-movavg-300": Calibration(moving_average=True),
+            "minmax-300": Calibration(texts=300),
+            "movavg": Calibration(moving_average=True),
         }
     settings = load_settings()
     rows = run_quantization_bench(

@@ -24,6 +24,11 @@ def report_from_probs(examples: Sequence[Example], probs: np.ndarray) -> dict[st
     return classification_report([ex.label or "" for ex in examples], [LABELS[i] for i in probs.argmax(axis=1)])
 
 
+def served_probs(classifier: OnnxClassifier, examples: Sequence[Example]) -> np.ndarray:
+    """The served model's scores for `examples`, one text at a time (as a lone request is served)."""
+    return classifier.predict_many([ex.text for ex in examples], batch_size=1)
+
+
 def evaluate(classifier: OnnxClassifier, examples: Sequence[Example]) -> dict[str, Any]:
     """The report of a served model on `examples`, scored one text at a time (as served)."""
-    return report_from_probs(examples, classifier.predict_many([ex.text for ex in examples], batch_size=1))
+    return report_from_probs(examples, served_probs(classifier, examples))

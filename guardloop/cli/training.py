@@ -134,18 +134,38 @@ def evaluate(
     data: Annotated[list[Path], typer.Option("--data", help="labeled TSV/CSV/JSONL file (repeatable)")],
     model: Annotated[str | None, typer.Option(help="registry version (default: current)")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="one JSON object on stdout")] = False,
+    plot: Annotated[
+        Path | None, typer.Option(help="write per-class precision-recall curves (thresholds marked) to this PNG")
+    ] = None,
+    seed: Annotated[int, typer.Option(help="random state of the bootstrap intervals")] = 0,
     text_column: Annotated[str | None, typer.Option()] = None,
     label_column: Annotated[str | None, typer.Option()] = None,
     skip_bad_rows: Annotated[bool, typer.Option()] = False,
 ) -> None:
-    """Accuracy, macro precision/recall/F1, per-class F1 and the confusion matrix of a served (ONNX) model."""
+    """Accuracy, macro precision/recall/F1, per-class F1 with bootstrap 95% intervals, the confusion matrix and
+    the critical miss rate of a served (ONNX) model."""
     # scikit-learn's metrics come with the train extra.
-    from guardloop.trainer.evaluation import evaluate as evaluate_model
+    from guardloop.trainer.eval_report import RESAMPLES, check_plot_path, extended_report, plot_pr_curves
+    from guardloop.trainer.evaluation import report_from_probs, served_probs
 
+    if plot is not None:
+        try:
+            check_plot_path(plot)
+        except ValueError as exc:
+            raise UserError(str(exc)) from None
     settings = load_settings()
     loaded = load_labeled(data, text_column, label_column, skip_bad_rows)
     version, _, classifier = open_version(settings, model)
-    report = evaluate_model(classifier, loaded.examples) | {"model_version": version}
+    probs = served_probs(classifier, loaded.examples)
+    y_true = [ex.label or "" for ex in loaded.examples]
+    report = (
+        report_from_probs(loaded.examples, probs)
+        | extended_report(y_true, probs, classifier.verdict, resamples=RESAMPLES, random_state=seed)
+        | {"model_version": version, "thresholds": dict(classifier.thresholds)}
+    )
+    if plot is not None:
+        plot_pr_curves(y_true, probs, classifier.thresholds, plot, title=f"{version} on {len(y_true)} texts")
+        report["plot"] = str(plot)
     if as_json:
         typer.echo(json.dumps(report))
         return
@@ -163,6 +183,33 @@ def evaluate(
     typer.echo("confusion matrix (rows = true, columns = predicted, order as above)")
     for label, row in zip(LABELS, report["confusion_matrix"], strict=True):
         typer.echo(f"{label:<22}" + "".join(f"{v:>6}" for v in row))
+    _echo_extended(report)
+    if plot is not None:
+        typer.echo(f"precision-recall curves written to {plot}")
+
+
+def _rate(entry: dict[str, Any]) -> str:
+    return "n/a (no such texts)" if entry["rate"] is None else f"{entry['rate']:.4f} ({entry['missed']}/{entry['n']})"
+
+
+def _echo_extended(report: dict[str, Any]) -> None:
+    """The lines `eval` prints after the confusion matrix: critical misses, bootstrap intervals, average precision."""
+    misses = report["critical_misses"]
+    per_class = ", ".join(f"{label} {_rate(entry)}" for label, entry in misses["per_class"].items())
+    typer.echo(f"critical miss rate (gold critical texts flagged as nothing) {_rate(misses)}: {per_class}")
+    boot = report["bootstrap"]
+    macro = boot["macro_f1"]
+    typer.echo(
+        f"macro-F1 {macro['estimate']:.4f}, {boot['confidence']:.0%} bootstrap interval "
+        f"[{macro['low']:.4f}, {macro['high']:.4f}] ({boot['resamples']} resamples, seed {boot['random_state']})"
+    )
+    typer.echo(f"{'label':<22}{'F1':>8}{'low':>8}{'high':>8}{'AP':>8}")
+    for label in LABELS:
+        f1, ap = boot["per_class_f1"][label], report["average_precision"][label]
+        typer.echo(
+            f"{label:<22}{f1['estimate']:>8.4f}{f1['low']:>8.4f}{f1['high']:>8.4f}"
+            + (f"{'-':>8}" if ap is None else f"{ap:>8.4f}")
+        )
 
 
 @app.command()
@@ -179,6 +226,13 @@ def calibrate(
         list[str] | None,
         typer.Option(help="R for every category, or LABEL=R for one (repeatable): highest threshold with recall >= R"),
     ] = None,
+    hold_precision: Annotated[
+        float | None,
+        typer.Option(
+            help="for every category without a target: keep its threshold if its precision is >= P, else raise it "
+            "to the lowest that reaches P; nothing is published if one cannot"
+        ),
+    ] = None,
     model: Annotated[str | None, typer.Option(help="registry version to calibrate (default: current)")] = None,
     promote: Annotated[bool, typer.Option(help="make the calibrated version current")] = True,
     text_column: Annotated[str | None, typer.Option()] = None,
@@ -187,10 +241,22 @@ def calibrate(
 ) -> None:
     """Tune per-category thresholds on a labeled file; publish them as a new version (parent: the old one)."""
     # scikit-learn's precision-recall curve comes with the train extra.
-    from guardloop.trainer.calibrate import CalibrationError, calibrate_thresholds, parse_targets, publish_calibrated
+    from guardloop.trainer.calibrate import (
+        CalibrationError,
+        calibrate_thresholds,
+        calibrated_thresholds,
+        expected_at,
+        parse_targets,
+        publish_calibrated,
+        with_hold,
+    )
 
     try:
-        targets = parse_targets(target_precision or [], target_recall or [])
+        targets = with_hold(parse_targets(target_precision or [], target_recall or [], allow_none=True), hold_precision)
+        if not targets:
+            raise CalibrationError(
+                "give --target-precision P or --target-recall R (or LABEL=VALUE), or --hold-precision P"
+            )
     except CalibrationError as exc:
         raise UserError(str(exc)) from None
     settings = load_settings()
@@ -198,17 +264,23 @@ def calibrate(
     version, card, classifier = open_version(settings, model)
     texts = [ex.text for ex in loaded.examples]
     probs = classifier.predict_many(texts)
-    results = calibrate_thresholds(probs, [ex.label or "" for ex in loaded.examples], card.thresholds, targets)
+    y_true = [ex.label or "" for ex in loaded.examples]
+    try:
+        results = calibrate_thresholds(probs, y_true, card.thresholds, targets)
+    except CalibrationError as exc:
+        raise UserError(str(exc)) from None
     typer.echo(f"model {version} on {len(texts)} texts")
-    typer.echo(f"{'label':<22}{'target':>16}{'threshold':>20}{'P':>8}{'R':>8}{'n':>6}")
+    typer.echo(f"{'label':<22}{'target':>20}{'threshold':>20}{'P':>8}{'R':>8}{'n':>6}")
     for c in results:
-        numbers = f"{c.precision:>8.3f}{c.recall:>8.3f}" if c.reached else f"{'-':>8}{'-':>8}"
+        numbers = "".join(f"{'-' if v is None else f'{v:.3f}':>8}" for v in (c.precision, c.recall))
         change = f"{c.previous:.3f} -> {c.threshold:.3f}" if c.reached else f"{c.previous:.3f} (kept)"
-        typer.echo(f"{c.label:<22}{c.target.metric + ' ' + str(c.target.value):>16}{change:>20}{numbers}{c.support:>6}")
+        typer.echo(f"{c.label:<22}{c.target.metric + ' ' + str(c.target.value):>20}{change:>20}{numbers}{c.support:>6}")
         if c.note:
             typer.echo(f"  {c.label}: {c.note}", err=True)
-    if not any(c.reached for c in results):
+    if not any(c.reached and (c.target.metric != "hold-precision" or c.threshold != c.previous) for c in results):
         raise UserError("no threshold was calibrated (see above); nothing published")
+    expected = expected_at(probs, y_true, calibrated_thresholds(card.thresholds, results))
+    _echo_expected(expected)
     overridden = sorted(c.label for c in results if c.reached and c.label in settings.thresholds)
     if overridden:
         typer.echo(
@@ -219,9 +291,25 @@ def calibrate(
         ModelRegistry(settings.registry_dir),
         version,
         results,
+        expected=expected,
         data_fingerprints=loaded.fingerprints,
         n_examples=len(texts),
         make_current=promote,
     )
     typer.echo(f"published {new_version} (parent {version}){' as current' if promote else ''}", err=True)
     typer.echo(new_version)
+
+
+def _echo_expected(expected: dict[str, Any]) -> None:
+    """Every harmful category's precision and recall on the file at the thresholds about to be published."""
+    typer.echo("expected on this file at the published thresholds (a category flags when its score reaches it):")
+    typer.echo(f"{'label':<22}{'threshold':>10}{'P':>8}{'R':>8}{'flagged':>9}{'n':>6}  also flags")
+    for label, row in expected["per_class"].items():
+        p, r = ("-" if v is None else f"{v:.3f}" for v in (row["precision"], row["recall"]))
+        also = ", ".join(f"{other} {count}" for other, count in row.get("also_flags", {}).items() if count)
+        typer.echo(
+            f"{label:<22}{row['threshold']:>10.3f}{p:>8}{r:>8}{row['flagged']:>9}{row['support']:>6}  {also}".rstrip()
+        )
+    misses = expected["critical_misses"]
+    if misses["rate"] is not None:
+        typer.echo(f"critical miss rate {misses['rate']:.3f} ({misses['missed']}/{misses['n']})")

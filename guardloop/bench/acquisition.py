@@ -56,7 +56,7 @@ def finetuned_probs(
     key = hashlib.sha256("\x00".join(ex.text for ex in pool).encode()).hexdigest()[:16]
     path = cache / f"bootstrap-probs-{seed}-{epochs}-{key}.npy"
     if path.is_file():
-        return np.load(path)
+        return np.load(path, allow_pickle=False)
     # Imported here: torch and transformers take seconds to import, and --model logreg needs neither.
     from guardloop.trainer.base_models import minilm_dir
     from guardloop.trainer.finetune import FineTuneConfig, TrainingExample, fine_tune, predict_proba

@@ -9,6 +9,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from guardloop.core.canonical import canonical_text
 from guardloop.core.labels import LABELS
 from guardloop.storage import NON_LABELS, LabelView, StoredItem
+from guardloop.storage.agreement import Agreement
 
 # A hard bound whatever the settings say; the configured limit (review_max_comment_chars) is checked in the route.
 COMMENT_HARD_LIMIT = 10_000
@@ -113,6 +114,28 @@ class ItemHistory(BaseModel):
     labels: list[LabelOut] = Field(description="every answer ever given, oldest first, with corrections and undos")
 
 
+class PairAgreementOut(BaseModel):
+    reviewers: list[str] = Field(description="the two reviewers")
+    items: int = Field(description="items both labelled")
+    alpha: float | None = Field(description="Krippendorff's alpha (nominal); null when undefined")
+    cohen_kappa: float | None = Field(description="Cohen's kappa; null when undefined")
+
+
+class AgreementOut(BaseModel):
+    """Reviewer agreement over items with two or more live labels; null where undefined (fewer than two such items,
+    or a single label throughout)."""
+
+    items: int = Field(description="items with two or more live labels (the ones measured)")
+    labels: int = Field(description="live labels on those items")
+    alpha: float | None = Field(description="Krippendorff's alpha (nominal) over all measured items")
+    by_class: dict[str, float | None] = Field(description="one-vs-rest alpha per label")
+    pairs: list[PairAgreementOut] = Field(description="per reviewer pair, on the items both labelled")
+
+    @classmethod
+    def of(cls, agreement: Agreement) -> AgreementOut:
+        return cls.model_validate(agreement.as_json())
+
+
 class ReviewStatsOut(BaseModel):
     reviewer: str
     queue_length: int
@@ -124,6 +147,8 @@ class ReviewStatsOut(BaseModel):
     labels_per_item: int
     by_reviewer: dict[str, int]
     by_label: dict[str, int]
+    second_opinion_share: float = Field(description="share of items also sent to a second reviewer (1 label/item)")
+    agreement: AgreementOut
 
 
 class AdjudicationItem(BaseModel):

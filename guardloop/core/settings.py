@@ -99,6 +99,13 @@ class Settings(BaseSettings):
     pool_retention_days: float = Field(30, gt=0, description="unlabeled pool items not seen for this long are purged")
     pool_purge_interval_seconds: float = Field(3600, gt=0, description="how often the service runs the purge")
     review_labels_per_item: int = Field(1, ge=1, le=9, description="labels per item; 2+: disagreement is adjudicated")
+    review_second_opinion_share: float = Field(
+        0.1,
+        ge=0,
+        le=1,
+        description="with one label per item: share of items also sent to a second reviewer "
+        "(chosen by item id), so reviewer agreement is always measured; the first label still decides",
+    )
     review_max_comment_chars: int = Field(2000, ge=0, le=10_000, description="longest reviewer comment accepted")
     api_keys: dict[str, SecretStr] = Field(
         default_factory=dict, description="client name -> API key for /classify; empty: no key needed"

@@ -20,6 +20,11 @@ from guardloop.storage.pool import StoredItem, _as_time
 from guardloop.storage.tables import ADJUDICATION, NON_LABELS, REVIEW, Label, PoolItem, utcnow
 
 ANSWERS = (*LABELS, *NON_LABELS)
+# Second opinions: an item is picked when (id * _SPREAD) % _BUCKETS falls below share * _BUCKETS. The constant is
+# Knuth's multiplicative hash; being coprime to _BUCKETS it permutes ids over the buckets, so any run of _BUCKETS
+# consecutive ids holds exactly the share, and SQL can evaluate the same rule in the queue's WHERE clause.
+_SPREAD = 2_654_435_761
+_BUCKETS = 10_000
 MAX_COMMENT_CHARS = 10_000  # the API sets a tighter limit; this one protects every other caller
 
 
@@ -120,18 +125,41 @@ def _real_label_count() -> Any:
     )
 
 
+def second_opinion_wanted(item_id: int, share: float) -> bool:
+    """Whether an item (with one label required) also goes to a second reviewer: deterministic per id."""
+    return item_id * _SPREAD % _BUCKETS < round(share * _BUCKETS)
+
+
 class ReviewRepository:
-    def __init__(self, database: Database, *, labels_per_item: int = 1) -> None:
+    def __init__(self, database: Database, *, labels_per_item: int = 1, second_opinion_share: float = 0.0) -> None:
+        """`second_opinion_share` (only with one label per item): that share of items stays in the queue for one
+        other reviewer after its first label, so reviewer agreement can always be measured; the first label still
+        settles the item (see _settle), the second one only measures."""
         if labels_per_item < 1:
             raise ValueError("labels_per_item must be at least 1")
+        if not 0.0 <= second_opinion_share <= 1.0:
+            raise ValueError("second_opinion_share must be between 0 and 1")
         self.database = database
         self.labels_per_item = labels_per_item
+        self.second_opinion_share = second_opinion_share if labels_per_item == 1 else 0.0
 
     # ------------------------------------------------------------------ the queue
+    def _wants_labels(self) -> Any:
+        """The SQL condition "this item still needs a label": short of labels_per_item, or a second-opinion item
+        short of two."""
+        short = _real_label_count() < self.labels_per_item
+        threshold = round(self.second_opinion_share * _BUCKETS)
+        if threshold == 0:
+            return short
+        return or_(short, and_(_real_label_count() < 2, (PoolItem.id * _SPREAD) % _BUCKETS < threshold))
+
+    def _labels_wanted(self, item_id: int) -> int:
+        return 2 if second_opinion_wanted(item_id, self.second_opinion_share) else self.labels_per_item
+
     def _open_for(self, reviewer: str) -> list[Any]:
         return [
             PoolItem.requested_at.is_not(None),
-            _real_label_count() < self.labels_per_item,
+            self._wants_labels(),
             not_(exists().where(_live(REVIEW), Label.reviewer == reviewer)),
             not_(exists().where(_live(ADJUDICATION))),
         ]
@@ -158,7 +186,7 @@ class ReviewRepository:
             count, oldest = session.execute(
                 select(func.count(), func.min(PoolItem.requested_at)).where(
                     PoolItem.requested_at.is_not(None),
-                    _real_label_count() < self.labels_per_item,
+                    self._wants_labels(),
                     not_(exists().where(_live(ADJUDICATION))),
                 )
             ).one()
@@ -180,8 +208,9 @@ class ReviewRepository:
                     )
                 if self._adjudicated(session, item_id):
                     raise ItemComplete(f"item {item_id} is already adjudicated")
-                if label in LABELS and self._real_count(session, item_id) >= self.labels_per_item:
-                    raise ItemComplete(f"item {item_id} already has the {self.labels_per_item} label(s) it needs")
+                wanted = self._labels_wanted(item_id)
+                if label in LABELS and self._real_count(session, item_id) >= wanted:
+                    raise ItemComplete(f"item {item_id} already has the {wanted} label(s) it needs")
                 return LabelView.of(_add_label(session, item_id, reviewer, label, comment, REVIEW))
         except IntegrityError:  # a concurrent request of the same reviewer won the race
             raise AlreadyAnswered(f"you already answered item {item_id}") from None
@@ -196,12 +225,9 @@ class ReviewRepository:
                 raise NothingToUndo(
                     f"you have no answer for item {item_id} to correct; answer it first (POST .../label)"
                 )
-            if (
-                label in LABELS
-                and old.label not in LABELS
-                and self._real_count(session, item_id) >= self.labels_per_item
-            ):
-                raise ItemComplete(f"item {item_id} already has the {self.labels_per_item} label(s) it needs")
+            wanted = self._labels_wanted(item_id)
+            if label in LABELS and old.label not in LABELS and self._real_count(session, item_id) >= wanted:
+                raise ItemComplete(f"item {item_id} already has the {wanted} label(s) it needs")
             return LabelView.of(self._replace(session, old, label, comment, REVIEW))
 
     def undo_last(self, reviewer: str) -> LabelView:
@@ -253,7 +279,10 @@ class ReviewRepository:
 
     # ------------------------------------------------------------------ adjudication
     def adjudication_queue(self, *, limit: int = 50) -> list[tuple[StoredItem, list[LabelView]]]:
-        """Items whose reviewers disagree (only possible with labels_per_item >= 2) and nobody adjudicated yet."""
+        """Items whose reviewers disagree (labels_per_item >= 2) and nobody adjudicated yet. With one label per item
+        the first label settles the item; a second opinion that differs is measured (agreement), not adjudicated."""
+        if self.labels_per_item == 1:
+            return []
         distinct_labels = (
             select(func.count(func.distinct(Label.label)))
             .where(Label.item_id == PoolItem.id, live_review_label())
@@ -297,7 +326,7 @@ class ReviewRepository:
 
     def _disputed(self, session: Session, item_id: int) -> bool:
         labels = session.scalars(select(Label.label).where(Label.item_id == item_id, live_review_label())).all()
-        return len(labels) >= self.labels_per_item and len(set(labels)) > 1
+        return self.labels_per_item > 1 and len(labels) >= self.labels_per_item and len(set(labels)) > 1
 
     # ------------------------------------------------------------------ results
     def final_labels(self, *, since: datetime | None = None, cycle_id: str | None = None) -> list[FinalLabel]:
@@ -309,12 +338,13 @@ class ReviewRepository:
                 .where(Label.active.is_(True), Label.label.in_(LABELS), PoolItem.requested_at.is_not(None))
                 .order_by(Label.item_id, Label.id)
             ).all()
+            first_answers = self._first_answers(session) if self.labels_per_item == 1 else {}
         by_item: dict[int, tuple[PoolItem, list[Label]]] = {}
         for label, item in rows:
             by_item.setdefault(item.id, (item, []))[1].append(label)
         finals = []
         for item, labels in by_item.values():
-            final = self._settle(item, labels)
+            final = self._settle(item, labels, first_answers)
             if final is None:
                 continue
             if since is not None and final.labeled_at <= since:
@@ -324,9 +354,24 @@ class ReviewRepository:
             finals.append(final)
         return sorted(finals, key=lambda f: (f.labeled_at, f.item_id))
 
-    def _settle(self, item: PoolItem, labels: Sequence[Label]) -> FinalLabel | None:
+    @staticmethod
+    def _first_answers(session: Session) -> dict[tuple[int, str], int]:
+        """(item, reviewer) -> id of the reviewer's first answer to the item, retired rows included: who answered
+        first stays first through corrections, so a second opinion never takes over an item's label."""
+        rows = session.execute(
+            select(Label.item_id, Label.reviewer, func.min(Label.id))
+            .where(Label.kind == REVIEW)
+            .group_by(Label.item_id, Label.reviewer)
+        ).all()
+        return {(item_id, reviewer): first for item_id, reviewer, first in rows}
+
+    def _settle(
+        self, item: PoolItem, labels: Sequence[Label], first_answers: dict[tuple[int, str], int]
+    ) -> FinalLabel | None:
         adjudications = [label for label in labels if label.kind == ADJUDICATION]
         reviews = [label for label in labels if label.kind == REVIEW]
+        if self.labels_per_item == 1 and len(reviews) > 1:  # a second opinion: the first reviewer's label decides
+            reviews = [min(reviews, key=lambda label: first_answers.get((item.id, label.reviewer), label.id))]
         if adjudications:
             decided = adjudications[-1]
             return FinalLabel(

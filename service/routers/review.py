@@ -14,6 +14,7 @@ from guardloop.service.deps import DatabaseDep, SettingsDep
 from guardloop.service.review_schemas import (
     AdjudicationBody,
     AdjudicationItem,
+    AgreementOut,
     ItemHistory,
     LabelBody,
     LabelOut,
@@ -39,6 +40,7 @@ from guardloop.storage import (
     ReviewError,
     ReviewRepository,
 )
+from guardloop.storage.agreement import read_agreement
 
 router = APIRouter(
     prefix="/review",
@@ -100,7 +102,11 @@ def checked_comment(comment: str | None, limit: int) -> str | None:
 
 
 def _reviews(database: DatabaseDep, settings: SettingsDep) -> ReviewRepository:
-    return ReviewRepository(database, labels_per_item=settings.review_labels_per_item)
+    return ReviewRepository(
+        database,
+        labels_per_item=settings.review_labels_per_item,
+        second_opinion_share=settings.review_second_opinion_share,
+    )
 
 
 def _item(database: DatabaseDep, item_id: int) -> ReviewItem:
@@ -188,10 +194,15 @@ def item_history(item_id: ItemId, reader: ReviewReader, database: DatabaseDep, s
         return ItemHistory(item=_item(database, item_id), labels=[LabelOut.of(label) for label in labels])
 
 
-@router.get("/stats", response_model=ReviewStatsOut, summary="Queue length, your counts, and the team's")
+@router.get(
+    "/stats",
+    response_model=ReviewStatsOut,
+    summary="Queue length, your counts, the team's, and how far reviewers agree (Krippendorff's alpha, Cohen's kappa)",
+)
 def stats(reviewer: ReviewerName, database: DatabaseDep, settings: SettingsDep) -> ReviewStatsOut:
     with review_errors():
         result = _reviews(database, settings).stats(reviewer)
+        agreement = read_agreement(database)
     return ReviewStatsOut(
         reviewer=reviewer,
         queue_length=result.queue_length,
@@ -203,6 +214,8 @@ def stats(reviewer: ReviewerName, database: DatabaseDep, settings: SettingsDep) 
         labels_per_item=settings.review_labels_per_item,
         by_reviewer=result.by_reviewer,
         by_label=result.by_label,
+        second_opinion_share=settings.review_second_opinion_share if settings.review_labels_per_item == 1 else 0.0,
+        agreement=AgreementOut.of(agreement),
     )
 
 

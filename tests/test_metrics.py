@@ -395,8 +395,9 @@ def test_the_trainer_process_serves_its_own_metrics_only(tmp_path):
             [sys.executable, "-m", "guardloop.cli", "trainer"], env=env, capture_output=True, text=True, timeout=120
         )
         assert second.returncode == 2
-        assert second.stderr.strip().splitlines()[-1].startswith("error: cannot serve /metrics")
-        assert "GUARDLOOP_TRAINER_METRICS_PORT" in second.stderr and "Traceback" not in second.stderr
+        last = second.stderr.strip().splitlines()[-1]
+        assert last.startswith("error: GUARDLOOP_TRAINER_METRICS_PORT: port") and "in use" in last, last
+        assert "Traceback" not in second.stderr
     finally:
         trainer.terminate()
         trainer.wait(timeout=30)

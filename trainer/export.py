@@ -11,6 +11,7 @@ option (`quantization=STATIC`, `guardloop bench quantization`), not the default.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import random
 import shutil
@@ -85,13 +86,7 @@ def quantize_static_int8(
     quantizing them cost ~7 macro-F1 points on dev_labeled.tsv (71.7 vs 78.9; fp32 78.9). Calibration texts run
     unpadded (grouped by length), so pad positions (never read by real tokens) do not stretch the ranges.
     """
-    from onnxruntime.quantization import (
-        CalibrationDataReader,
-        CalibrationMethod,
-        QuantFormat,
-        QuantType,
-        quantize_static,
-    )
+    from onnxruntime.quantization import CalibrationDataReader
     from tokenizers import Tokenizer
 
     if not texts:
@@ -120,17 +115,27 @@ def quantize_static_int8(
         def get_next(self) -> dict[str, np.ndarray] | None:
             return next(self._feeds, None)
 
+    # quantize_static writes shape-inference scratch files (sym_shape_infer_temp.onnx, *.data) into the working
+    # directory: run it from a private one, so a checkout or a service's directory never collects them.
+    onnx_file, out_file = Path(onnx_file).resolve(), Path(out_file).resolve()
+    with tempfile.TemporaryDirectory(prefix="guardloop-calibrate-") as scratch, contextlib.chdir(scratch):
+        _quantize_static(onnx_file, out_file, Reader(), calibration, matmuls_after_gelu(onnx_file))
+
+
+def _quantize_static(onnx_file: Path, out_file: Path, reader: Any, calibration: Any, excluded: list[str]) -> None:
+    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
+
     quantize_static(
         onnx_file,
         out_file,
-        Reader(),
+        reader,
         quant_format=QuantFormat.QDQ,
         op_types_to_quantize=["MatMul"],
         per_channel=True,
         activation_type=QuantType.QUInt8,
         weight_type=QuantType.QInt8,
         calibrate_method=CalibrationMethod[calibration.method],
-        nodes_to_exclude=matmuls_after_gelu(onnx_file),
+        nodes_to_exclude=excluded,
         extra_options={"MatMulConstBOnly": True, "CalibMovingAverage": calibration.moving_average},
     )
 

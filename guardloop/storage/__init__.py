@@ -14,7 +14,8 @@ from guardloop.storage.db import (
     upgrade_database,
 )
 from guardloop.storage.pool import LabelRequest, PoolRecord, PoolRepository, PoolStats, StoredItem, WriteOutcome
-from guardloop.storage.review import (
+from guardloop.storage.review import ReviewRepository
+from guardloop.storage.review_records import (
     AlreadyAnswered,
     FinalLabel,
     InvalidAnswer,
@@ -24,7 +25,6 @@ from guardloop.storage.review import (
     NothingToUndo,
     NotRequested,
     ReviewError,
-    ReviewRepository,
     ReviewStats,
 )
 from guardloop.storage.reviewers import ReviewerError, ReviewerRepository, ReviewerView

@@ -176,7 +176,8 @@ class CycleRunner:
         with self._step(cycle, "embed") as detail:
             embedder = SentenceEmbedder(self.settings.data_dir / "cache")
             embeddings = steps.embed(embedder, [item.text for item in items])
-            labeled_texts = [final.text for final in self.reviews.final_labels()]
+            finals = self.reviews.final_labels()
+            labeled_texts = [final.text for final in finals]
             labeled_embeddings = steps.embed(embedder, labeled_texts) if labeled_texts else None
             detail["texts"] = len(items)
         with self._step(cycle, "score") as detail:
@@ -191,6 +192,8 @@ class CycleRunner:
                 probs,
                 self.settings.cycle_budget,
                 labeled_embeddings=labeled_embeddings,
+                labeled_labels=[ex.label or "" for ex in base_training_sets(self.settings)[0]]
+                + [final.label for final in finals],
                 random_state=self.settings.seed + int(now.timestamp()) % 100_000,
                 n_clusters=self.settings.cycle_clusters,
             )

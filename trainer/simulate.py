@@ -108,6 +108,7 @@ class Simulation:
                 probs,
                 self.per_iteration,
                 labeled_embeddings=pool_embeddings[picked_pool] if len(picked_pool) else None,
+                labeled_labels=[ex.label or "" for ex in base] + [label for _, label in acquired],
                 random_state=seed * 1000 + iteration,
                 n_clusters=self.n_clusters,
             )

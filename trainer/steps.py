@@ -87,12 +87,20 @@ def select(
     budget: int,
     *,
     labeled_embeddings: np.ndarray | None,
+    labeled_labels: Sequence[str],
     random_state: int,
     n_clusters: int | None = None,
 ) -> list[Selection]:
-    """`budget` candidates picked by the named query strategy, each with the reason it was picked."""
+    """`budget` candidates picked by the named query strategy, each with the reason it was picked.
+    `labeled_labels`: the labels already learned from (base data and earlier answers), for the strategies that
+    favour the classes least represented among them."""
     return make_strategy(strategy, n_clusters=n_clusters).select(
-        embeddings, probs, budget, labeled_embeddings=labeled_embeddings, random_state=random_state
+        embeddings,
+        probs,
+        budget,
+        labeled_embeddings=labeled_embeddings,
+        labeled_labels=list(labeled_labels),
+        random_state=random_state,
     )
 
 

@@ -29,7 +29,7 @@ run: install
 test: install lint-imports
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
-	$(VENV)/bin/pytest -ra
+	$(VENV)/bin/pytest -ra --durations=25
 
 test-fast: install
 	$(VENV)/bin/pytest -ra -m "not slow"

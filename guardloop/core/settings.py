@@ -14,9 +14,9 @@ from pydantic_settings import (
     YamlConfigSettingsSource,
 )
 
+from guardloop.core.config_file import read_config_file
 from guardloop.core.labels import SAFE_LABEL, parse_label
 from guardloop.core.rates import Rate
-from guardloop.core.settings_errors import read_config_file
 
 
 class Settings(BaseSettings):

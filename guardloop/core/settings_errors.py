@@ -12,17 +12,14 @@ import json
 import os
 import re
 from collections.abc import Mapping
-from pathlib import Path
 from typing import Any
 
-import yaml
 from pydantic import SecretStr, ValidationError
 from pydantic_settings import SettingsError
 
-from guardloop.core.errors import UserError
+from guardloop.core.config_file import CONFIG_VAR, PREFIX, ConfigFileError, env_name, read_config_file
+from guardloop.core.settings import Settings
 
-PREFIX = "GUARDLOOP_"
-CONFIG_VAR = "GUARDLOOP_CONFIG"
 # GUARDLOOP_* variables read by something other than the settings class.
 NOT_SETTINGS = frozenset({"GUARDLOOP_TEST_POSTGRES", "GUARDLOOP_BENCH_API_KEY"})
 # What a JSON-valued setting looks like, for the line that says how to write it.
@@ -33,39 +30,6 @@ JSON_EXAMPLES = {
     "train_data": '["data/extra.jsonl"]',
 }
 _MAX_ECHO = 60  # longer values are not repeated in the line
-
-
-class ConfigFileError(UserError, ValueError):
-    """GUARDLOOP_CONFIG names a file that is missing, unreadable, not YAML, or not a mapping of settings."""
-
-
-def env_name(field: str) -> str:
-    return f"{PREFIX}{field.upper()}"
-
-
-def read_config_file(path: str) -> dict[str, Any]:
-    """The settings in the YAML file GUARDLOOP_CONFIG names; every way it can be wrong is a ConfigFileError."""
-    file = Path(path)
-    if not file.is_file():
-        raise ConfigFileError(f"{CONFIG_VAR}: {path} does not exist; point it at a YAML file of settings or unset it")
-    try:
-        data = yaml.safe_load(file.read_text(encoding="utf-8"))
-    except OSError as exc:
-        raise ConfigFileError(f"{CONFIG_VAR}: cannot read {path} ({exc.strerror}); check its permissions") from None
-    except UnicodeDecodeError:
-        raise ConfigFileError(f"{CONFIG_VAR}: {path} is not UTF-8 text; save it as UTF-8") from None
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-        problem = getattr(exc, "problem", None) or "invalid YAML"
-        raise ConfigFileError(f"{CONFIG_VAR}: {path} is not valid YAML ({problem}{where}); fix the file") from None
-    if data is None:
-        return {}
-    if not isinstance(data, dict):
-        raise ConfigFileError(
-            f"{CONFIG_VAR}: {path} holds a {type(data).__name__}, not settings; write one 'name: value' per line"
-        )
-    return data
 
 
 def _secret_fields(model: type) -> set[str]:
@@ -121,8 +85,6 @@ def _problem(error: Mapping[str, Any], model: type, environ: Mapping[str, str]) 
 def describe_settings_error(exc: BaseException, environ: Mapping[str, str] | None = None) -> str | None:
     """One line naming the setting and what to fix, for an error raised while building Settings; None for
     any other error."""
-    from guardloop.core.settings import Settings  # here: the settings module imports this one
-
     environ = os.environ if environ is None else environ
     if isinstance(exc, ValidationError) and exc.title == Settings.__name__:
         return " | ".join(_problem(error, Settings, environ) for error in exc.errors())
@@ -146,8 +108,6 @@ def describe_settings_error(exc: BaseException, environ: Mapping[str, str] | Non
 
 def unknown_variables(environ: Mapping[str, str] | None = None) -> list[str]:
     """One warning line per GUARDLOOP_* variable that no setting reads, naming the closest setting."""
-    from guardloop.core.settings import Settings
-
     environ = os.environ if environ is None else environ
     fields = list(Settings.model_fields)
     known = {env_name(field) for field in fields}

@@ -12,7 +12,7 @@ from guardloop.models.onnx_model import OnnxClassifier
 from guardloop.models.registry import ModelRegistry
 from guardloop.trainer.calibrate import CalibrationError, HoldError, Target, calibrate_thresholds, with_hold
 from guardloop.trainer.eval_report import bootstrap_f1, critical_misses, flagged_rows
-from guardloop.trainer.metrics import classification_report
+from guardloop.trainer.evaluation import classification_report
 
 from guardloop.core.labels import HARMFUL_LABELS, LABELS
 from tests.test_calibrate import WORDS, precision_recall, served_flags

@@ -1,9 +1,9 @@
 """The one evaluation: a model's classification report on labeled examples.
 
-`evaluate` scores a served (ONNX) model one text per forward pass, as a lone request is served: dynamic int8
-quantization scales activations per batch, so a text's scores move slightly with its batch-mates (up to ~0.7
-macro-F1 points measured here). `guardloop eval`, the cycle's gate and the simulation all report through
-`report_from_probs`, so their numbers mean the same thing.
+`classification_report` is the report over the six labels (macro-F1 is the headline: the rare classes count as
+much as the common ones); training's early stopping and the export check use it on their own predictions.
+`evaluate` scores a served (ONNX) model one text per forward pass, as a lone request is served. `guardloop eval`,
+the cycle's gate and the simulation all report through `report_from_probs`, so their numbers mean the same thing.
 """
 
 from __future__ import annotations
@@ -13,10 +13,28 @@ from typing import Any
 
 import numpy as np
 from guardloop.models.onnx_model import OnnxClassifier
-from guardloop.trainer.metrics import classification_report
+from sklearn.metrics import accuracy_score, confusion_matrix, precision_recall_fscore_support
 
 from guardloop.core.datafiles import Example
 from guardloop.core.labels import LABELS
+
+
+def classification_report(y_true: Sequence[str], y_pred: Sequence[str]) -> dict[str, Any]:
+    labels = list(LABELS)
+    precision, recall, f1, support = precision_recall_fscore_support(y_true, y_pred, labels=labels, zero_division=0)
+    return {
+        "n": len(y_true),
+        "accuracy": float(accuracy_score(y_true, y_pred)),
+        "macro_precision": float(precision.mean()),
+        "macro_recall": float(recall.mean()),
+        "macro_f1": float(f1.mean()),
+        "per_class_f1": {label: float(v) for label, v in zip(labels, f1, strict=True)},
+        "per_class_precision": {label: float(v) for label, v in zip(labels, precision, strict=True)},
+        "per_class_recall": {label: float(v) for label, v in zip(labels, recall, strict=True)},
+        "support": {label: int(v) for label, v in zip(labels, support, strict=True)},
+        "labels": labels,
+        "confusion_matrix": confusion_matrix(y_true, y_pred, labels=labels).tolist(),
+    }
 
 
 def report_from_probs(examples: Sequence[Example], probs: np.ndarray) -> dict[str, Any]:

@@ -23,8 +23,8 @@ from typing import Any
 
 import numpy as np
 from guardloop.models.onnx_model import OnnxClassifier
+from guardloop.trainer.evaluation import classification_report
 from guardloop.trainer.finetune import FineTuneResult, predict_proba
-from guardloop.trainer.metrics import classification_report
 
 from guardloop.core.labels import LABELS
 

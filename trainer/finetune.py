@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 import torch
 from guardloop.models.onnx_model import length_ordered_batches
-from guardloop.trainer.metrics import classification_report
+from guardloop.trainer.evaluation import classification_report
 from torch.nn import functional as F
 from tqdm.auto import tqdm
 from transformers import AutoModelForSequenceClassification, AutoTokenizer, get_linear_schedule_with_warmup

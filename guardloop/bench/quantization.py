@@ -24,8 +24,8 @@ import numpy as np
 from guardloop.core.datafiles import Example
 from guardloop.core.labels import LABELS
 from guardloop.models.onnx_model import OnnxClassifier
+from guardloop.trainer.evaluation import classification_report
 from guardloop.trainer.export import DYNAMIC, STATIC, Calibration, quantize_onnx
-from guardloop.trainer.metrics import classification_report
 
 BATCH = 32
 

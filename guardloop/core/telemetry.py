@@ -265,7 +265,7 @@ def record_cycle_outcome(outcome: str) -> None:
 
 
 def record_promoted_model(report: dict) -> None:
-    """The evaluation report (trainer.metrics.classification_report) of the model just promoted."""
+    """The evaluation report (trainer.evaluation.classification_report) of the model just promoted."""
     LAST_PROMOTED_MACRO_F1.set(report["macro_f1"])
     for label, recall in report["per_class_recall"].items():
         if label in _RECALL:

@@ -165,10 +165,11 @@
         say(detail(result), true);
         return;
       }
-      showItem(result.data.item);
-      say(`Undid "${result.data.undone.label}" on item #${result.data.item.id}; answer it again.`);
+      // Counts first: the item shown (state "ready") then never sits beside the counts from before the undo.
       const stats = await api("GET", "/review/stats");
       if (stats.ok) showCounts(stats.data.queue_length, stats.data.my_labels);
+      showItem(result.data.item);
+      say(`Undid "${result.data.undone.label}" on item #${result.data.item.id}; answer it again.`);
     });
   }
 

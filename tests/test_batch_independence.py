@@ -23,7 +23,14 @@ from guardloop.core.labels import LABELS
 from guardloop.core.seed import SEED_EVAL, SEED_TRAIN
 from guardloop.core.settings import Settings
 from tests.conftest import live_server
-from tests.tiny_onnx import VOCAB, publish_dir, write_exported_model, write_graph_model
+from tests.tiny_onnx import (
+    VOCAB,
+    pooled_embedding_nodes,
+    pooling_axes,
+    publish_dir,
+    write_exported_model,
+    write_graph_model,
+)
 
 TOLERANCE = 1e-6
 
@@ -39,24 +46,11 @@ EVAL_TEXTS = _texts(SEED_EVAL)
 MATES = [*_texts(SEED_TRAIN), "ok", "hi there", " ".join(["word"] * 150), "why " * 40]
 
 
-def _pooled_nodes() -> list:
-    return [
-        helper.make_node("Gather", ["table", "input_ids"], ["emb"], axis=0),
-        helper.make_node("Cast", ["attention_mask"], ["maskf"], to=TensorProto.FLOAT),
-        helper.make_node("Unsqueeze", ["maskf", "axis2"], ["mask3"]),
-        helper.make_node("Mul", ["emb", "mask3"], ["masked"]),
-        helper.make_node("ReduceSum", ["masked", "axis1"], ["summed"], keepdims=0),
-        helper.make_node("ReduceSum", ["maskf", "axis1"], ["count"], keepdims=1),
-        helper.make_node("Div", ["summed", "count"], ["pooled"]),
-    ]
-
-
 def _initializers(seed: int = 0) -> dict[str, np.ndarray]:
     rng = np.random.default_rng(seed)
     return {
         "table": rng.normal(0, 1, size=(VOCAB, len(LABELS))).astype(np.float32),
-        "axis2": np.array([2], dtype=np.int64),
-        "axis1": np.array([1], dtype=np.int64),
+        **pooling_axes(),
     }
 
 
@@ -64,7 +58,7 @@ def write_width_sensitive_model(out_dir: Path) -> Path:
     """Logits = pooled embedding + 0.01 x the padded width on one label: a text run at another width scores
     differently."""
     nodes = [
-        *_pooled_nodes(),
+        *pooled_embedding_nodes(),
         helper.make_node("Shape", ["input_ids"], ["shape"]),
         helper.make_node("Gather", ["shape", "one"], ["width"], axis=0),
         helper.make_node("Cast", ["width"], ["widthf"], to=TensorProto.FLOAT),
@@ -82,7 +76,7 @@ def write_dynamic_quantized_model(out_dir: Path) -> Path:
     """The pooled embedding through DynamicQuantizeLinear: one u8 scale for the whole batch tensor, as in the
     dynamic int8 MiniLM. A batch-mate with a larger activation coarsens every other row's values."""
     nodes = [
-        *_pooled_nodes(),
+        *pooled_embedding_nodes(),
         helper.make_node("DynamicQuantizeLinear", ["pooled"], ["q", "scale", "zero"]),
         helper.make_node("DequantizeLinear", ["q", "scale", "zero"], ["logits"]),
     ]

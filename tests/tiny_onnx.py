@@ -72,17 +72,7 @@ def publish_tiny(
     staging = write_tiny_model(
         tmp / f"staging-{favour}-{seed}-{datetime.now(UTC).timestamp()}", favour=favour, seed=seed
     )
-    version = registry.new_version_name()
-    card = ModelCard(
-        version=version,
-        created_at=datetime.now(UTC),
-        labels=list(LABELS),
-        thresholds=dict.fromkeys(LABELS, 0.5),
-        metrics={"dev": {"macro_f1": 0.5}},
-        parent=registry.current(),
-    )
-    registry.publish(staging, card, make_current=make_current)
-    return version
+    return publish_dir(registry, staging, make_current=make_current)
 
 
 def write_graph_model(
@@ -117,7 +107,7 @@ def write_graph_model(
     return out_dir
 
 
-def _pooled_embedding_nodes() -> list[onnx.NodeProto]:
+def pooled_embedding_nodes() -> list[onnx.NodeProto]:
     # The mean of the token embeddings over the attention mask: `pooled` (batch, width of `table`).
     return [
         helper.make_node("Gather", ["table", "input_ids"], ["emb"], axis=0),
@@ -130,7 +120,7 @@ def _pooled_embedding_nodes() -> list[onnx.NodeProto]:
     ]
 
 
-def _axes() -> dict[str, np.ndarray]:
+def pooling_axes() -> dict[str, np.ndarray]:
     return {"axis2": np.array([2], dtype=np.int64), "axis1": np.array([1], dtype=np.int64)}
 
 
@@ -141,9 +131,9 @@ def write_wide_model(out_dir: Path, *, hidden: int = 256, seed: int = 0) -> Path
     initializers = {
         "table": rng.normal(0, 1, size=(VOCAB, hidden)).astype(np.float32),
         "head": rng.normal(0, 0.1, size=(hidden, len(LABELS))).astype(np.float32),
-        **_axes(),
+        **pooling_axes(),
     }
-    nodes = [*_pooled_embedding_nodes(), helper.make_node("MatMul", ["pooled", "head"], ["logits"])]
+    nodes = [*pooled_embedding_nodes(), helper.make_node("MatMul", ["pooled", "head"], ["logits"])]
     return write_graph_model(out_dir, nodes, initializers, outputs=len(LABELS))
 
 
@@ -157,8 +147,8 @@ def write_broken_model(out_dir: Path, *, fault: str) -> Path:
         bias[:] = np.nan
     elif fault != "shape":
         raise ValueError(f"unknown fault {fault!r}: 'shape' or 'nan'")
-    initializers = {"table": rng.normal(0, 1, size=(VOCAB, width)).astype(np.float32), "bias": bias, **_axes()}
-    nodes = [*_pooled_embedding_nodes(), helper.make_node("Add", ["pooled", "bias"], ["logits"])]
+    initializers = {"table": rng.normal(0, 1, size=(VOCAB, width)).astype(np.float32), "bias": bias, **pooling_axes()}
+    nodes = [*pooled_embedding_nodes(), helper.make_node("Add", ["pooled", "bias"], ["logits"])]
     return write_graph_model(out_dir, nodes, initializers, outputs=width)
 
 

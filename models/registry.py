@@ -14,11 +14,13 @@ no version or a complete, fsynced one. The pointer is switched with `os.replace`
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
 import secrets
 import shutil
+from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Literal
@@ -224,6 +226,15 @@ class ModelRegistry:
                 f"cannot write to the registry {self.root} ({exc.strerror or exc}); publish, promote and rollback "
                 "need it mounted read-write with free space"
             ) from exc
+
+    @contextlib.contextmanager
+    def writing(self) -> Iterator[None]:
+        """Hold the registry's lock for several changes (models/rollout.py); the writers inside re-enter it."""
+        self._acquire()
+        try:
+            yield
+        finally:
+            self._lock.release()
 
     def publish(self, staging_dir: Path, card: ModelCard, *, make_current: bool = True) -> str:
         """Copy `staging_dir` into the registry as version `card.version`; return the version name."""

@@ -22,6 +22,7 @@ from guardloop.service.guideline_store import GuidelineStore, watch_guidelines
 from guardloop.service.limits import BodySizeLimit
 from guardloop.service.model_holder import ModelHolder
 from guardloop.service.rate_limit import RateLimit, TokenBuckets, WorkLimit, build_groups
+from guardloop.service.rollout_monitor import serve_rollout
 from guardloop.service.routers import (
     classify,
     guidelines,
@@ -86,7 +87,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         watcher = asyncio.create_task(watch_registry(holder, settings.registry_poll_seconds))
         guideline_watcher = asyncio.create_task(watch_guidelines(guideline_store, settings.guidelines_poll_seconds))
         try:
-            async with open_storage(app, settings):  # the database, the pool writer, the retention purge
+            # the database, the pool writer, the retention purge; then the roll-out (shadow, canary)
+            async with open_storage(app, settings), serve_rollout(app, settings):
                 yield
         finally:
             for task in (watcher, guideline_watcher):

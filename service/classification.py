@@ -85,8 +85,9 @@ async def classify_texts(request: Request, texts: list[str], *, pooled: int | No
         canonical = await asyncio.to_thread(check_limits, texts, settings.max_texts, settings.max_text_chars)
     else:
         canonical = check_limits(texts, settings.max_texts, settings.max_text_chars)  # what the model reads
+    rollout = getattr(request.app.state, "rollout", None)  # a canary answers its share (service/rollout_monitor.py)
     try:
-        probs, model = await batcher.predict(canonical, client)
+        probs, model = await (rollout.predict(canonical, client) if rollout else batcher.predict(canonical, client))
     except NoModelLoaded as exc:
         raise HTTPException(status.HTTP_503_SERVICE_UNAVAILABLE, "no model loaded yet; retry shortly") from exc
     except Overloaded as exc:
@@ -103,6 +104,11 @@ async def classify_texts(request: Request, texts: list[str], *, pooled: int | No
     callers_texts = len(texts) if pooled is None else pooled
     telemetry.record_verdicts(classified.verdicts[:callers_texts])
     _offer_to_pool(request, classified, callers_texts)
+    if rollout is not None:  # the canary's flag tally, a copy for the shadow; never waits
+        client_id = getattr(request.state, "client_id", None)
+        rollout.observe(
+            model, texts[:callers_texts], canonical[:callers_texts], classified.verdicts[:callers_texts], client_id
+        )
     return classified
 
 

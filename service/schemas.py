@@ -140,6 +140,18 @@ class ClassifyResponse(BaseModel):
     results: list[Classification]
 
 
+class RolloutInfo(BaseModel):
+    """The roll-out in the registry (models/rollout.py), as this replica follows it."""
+
+    candidate: str
+    stage: Literal["shadow", "canary"]
+    share: float  # of live traffic the canary answers (0 in shadow)
+    by: Literal["client", "request"]
+    since: str
+    loaded: bool  # this replica has the candidate loaded beside the served model and uses it
+    halted: str | None  # why the canary was stopped (out of its bounds), or None
+
+
 class ModelInfo(BaseModel):
     version: str
     created_at: str
@@ -151,6 +163,7 @@ class ModelInfo(BaseModel):
     quantization: str | None
     dev_macro_f1: float | None
     limits: dict[str, Any]
+    rollout: RolloutInfo | None = None
 
 
 class ReloadResponse(BaseModel):

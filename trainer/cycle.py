@@ -24,12 +24,13 @@ from typing import Any
 
 import numpy as np
 from guardloop.models.onnx_model import OnnxClassifier
-from guardloop.models.registry import ModelRegistry, open_classifier
+from guardloop.models.registry import ModelRegistry, RegistryError, open_classifier
 from guardloop.trainer import steps
 from guardloop.trainer.embeddings import SentenceEmbedder
 from guardloop.trainer.finetune import FineTuneConfig
 from guardloop.trainer.gate import GateDecision, gate
 from guardloop.trainer.labelers import ORACLE_REVIEWER, OracleLabeler
+from guardloop.trainer.rollout_step import advance_rollout, start_shadow
 from guardloop.trainer.train import TrainJob, train_and_publish
 from guardloop.trainer.training_set import base_files, base_training_sets, eval_set
 from guardloop.trainer.variations import VariationGenerator
@@ -96,6 +97,7 @@ class CycleRunner:
         with single_flight(self.database, self.settings.data_dir):
             self._fail_interrupted()
             self.registry.remove_stale_staging()
+            self._advance_rollout()  # the promote-shadow step: the roll-out a previous cycle started moves on
             waiting = [c for c in self.cycles.in_progress() if c.status == AWAITING_LABELS]
             cycle = waiting[0] if waiting else self._start()
             self._steps = list(cycle.steps)
@@ -123,6 +125,15 @@ class CycleRunner:
             return
         if last is not None and last.metrics.get("candidate"):
             telemetry.record_promoted_model(last.metrics["candidate"])
+
+    def _advance_rollout(self) -> None:
+        try:
+            step = advance_rollout(self.settings, self.registry, self.database)
+        except (RegistryError, StorageError, SQLAlchemyError) as exc:  # the cycle itself can still run
+            log.error("roll-out step failed: %s", exc)
+            return
+        if step.action not in ("none", "wait"):
+            log.info("roll-out: %s %s: %s", step.action, step.candidate, step.reason)
 
     def _fail_interrupted(self) -> None:
         # We hold the lock, so an in-progress cycle that is not waiting for people belongs to a dead process.
@@ -311,8 +322,17 @@ class CycleRunner:
                 )
                 return self.cycles.get(cycle.id)  # type: ignore[return-value]
             with self._step(cycle, "publish") as detail:
-                version = steps.publish(self.registry, staging, card, eval_report=candidate_report, cycle_id=cycle.id)
+                version = steps.publish(
+                    self.registry,
+                    staging,
+                    card,
+                    eval_report=candidate_report,
+                    cycle_id=cycle.id,
+                    make_current=not self.settings.rollout_shadow,
+                )
                 detail["version"] = version
+                if self.settings.rollout_shadow:  # first a shadow beside the served model (trainer/rollout_step.py)
+                    detail["rollout"] = start_shadow(self.registry, version, f"cycle {cycle.id} passed the gate")
         self.cycles.update(
             cycle.id, status=PROMOTED, model_version=version, reason=decision.reason, metrics=metrics, steps=self._steps
         )

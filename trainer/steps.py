@@ -163,9 +163,16 @@ def gate(
 
 
 def publish(
-    registry: ModelRegistry, staging: Path, card: ModelCard, *, eval_report: dict[str, Any], cycle_id: str
+    registry: ModelRegistry,
+    staging: Path,
+    card: ModelCard,
+    *,
+    eval_report: dict[str, Any],
+    cycle_id: str,
+    make_current: bool = True,
 ) -> str:
-    """Publish the candidate as the registry's new current version (parent: the old current)."""
+    """Publish the candidate as the registry's new version (parent: the old current); current unless `make_current`
+    is False, when a roll-out starts from it instead (trainer/rollout_step.py)."""
     version = registry.new_version_name()
     card = card.model_copy(
         update={
@@ -174,5 +181,5 @@ def publish(
             "metrics": {**card.metrics, "eval": eval_report, "cycle": cycle_id},
         }
     )
-    registry.publish(staging, card, make_current=True)
+    registry.publish(staging, card, make_current=make_current)
     return version

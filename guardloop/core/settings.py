@@ -214,6 +214,39 @@ class Settings(BaseSettings):
     gate_max_macro_f1_drop: float = Field(0.01, ge=0, le=1, description="largest macro-F1 drop still promoted")
     gate_max_recall_drop: float = Field(0.05, ge=0, le=1, description="largest per-class recall drop still promoted")
 
+    # Roll-out of a candidate that passed the gate (README, "Rolling out a new model"): shadow, canary steps, current.
+    rollout_shadow: bool = Field(
+        False, description="a cycle publishes a candidate that passed the gate as a shadow, not as current"
+    )
+    shadow_share: float = Field(1.0, ge=0, le=1, description="share of live texts the shadow model also scores")
+    shadow_queue_size: int = Field(256, ge=1, description="texts waiting for the shadow; more are dropped, counted")
+    shadow_min_texts: int = Field(500, ge=1, description="shadow-scored texts (all replicas) before promotion")
+    shadow_max_disagreement: float = Field(
+        0.05, ge=0, le=1, description="largest share of texts, overall and per class, the shadow may label otherwise"
+    )
+    shadow_min_reviewed: int = Field(
+        10, ge=1, description="settled disagreements that can promote (or reject) a shadow outside its bounds"
+    )
+    shadow_review_priority: float = Field(10.0, description="review-queue priority of a shadow disagreement")
+    canary_steps: list[float] = Field(
+        default_factory=lambda: [0.05, 0.25, 0.5, 1.0], description="canary shares of traffic, raised in this order"
+    )
+    canary_by: Literal["client", "request"] = Field("client", description="canary routing: stable per client or not")
+    canary_min_requests: int = Field(200, ge=1, description="canary requests (all replicas) per step before judging")
+    canary_max_flag_rate_increase: float = Field(0.05, ge=0, le=1, description="canary flag rate above the stable's")
+    canary_max_error_rate: float = Field(0.01, ge=0, le=1, description="canary errors per request above the stable's")
+    canary_max_latency_ratio: float = Field(2.0, ge=1, description="canary mean request time over the stable's")
+    rollout_check_seconds: float = Field(
+        5.0, gt=0, description="how often a replica stores its roll-out tallies and judges the canary"
+    )
+
+    @field_validator("canary_steps")
+    @classmethod
+    def _check_canary_steps(cls, value: list[float]) -> list[float]:
+        if not value or any(not 0 < share <= 1 for share in value) or value != sorted(set(value)):
+            raise ValueError(f"{value} must be rising shares in (0, 1], e.g. [0.05, 0.25, 1.0]")
+        return value
+
     @classmethod
     def settings_customise_sources(
         cls,

@@ -5,15 +5,17 @@ from __future__ import annotations
 
 import asyncio
 
-from fastapi import APIRouter, Depends, HTTPException, status
+from fastapi import APIRouter, Depends, HTTPException, Request, status
+from guardloop.models.registry import RegistryError
+from guardloop.models.rollout import Rollouts
 from guardloop.service.deps import HolderDep, SettingsDep, require_admin
-from guardloop.service.schemas import ErrorResponse, ModelInfo, ReloadResponse
+from guardloop.service.schemas import ErrorResponse, ModelInfo, ReloadResponse, RolloutInfo
 
 router = APIRouter(tags=["models"])
 
 
 @router.get("/models/current", response_model=ModelInfo, responses={503: {"model": ErrorResponse}})
-async def current_model(holder: HolderDep, settings: SettingsDep) -> ModelInfo:
+async def current_model(holder: HolderDep, settings: SettingsDep, request: Request) -> ModelInfo:
     loaded = holder.current
     if loaded is None:
         raise HTTPException(status.HTTP_503_SERVICE_UNAVAILABLE, "no model loaded yet")
@@ -30,6 +32,27 @@ async def current_model(holder: HolderDep, settings: SettingsDep) -> ModelInfo:
         quantization=card.quantization,
         dev_macro_f1=dev.get("macro_f1"),
         limits={"max_texts": settings.max_texts, "max_text_chars": settings.max_text_chars},
+        rollout=_rollout_info(holder, request),
+    )
+
+
+def _rollout_info(holder: HolderDep, request: Request) -> RolloutInfo | None:
+    try:
+        state = Rollouts(holder.registry).state()
+    except (RegistryError, OSError):
+        return None
+    if state is None:
+        return None
+    monitor = getattr(request.app.state, "rollout", None)
+    in_use = holder.shadow if state.stage == "shadow" else holder.canary
+    return RolloutInfo(
+        candidate=state.candidate,
+        stage=state.stage,
+        share=state.share,
+        by=state.by,
+        since=state.since.isoformat(),
+        loaded=in_use is not None and in_use.version == state.candidate,
+        halted=monitor.halt_reasons.get(state.candidate) if monitor else None,
     )
 
 

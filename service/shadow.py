@@ -1,0 +1,169 @@
+"""Shadow scoring: the roll-out's candidate scores a share of live traffic beside the served model, off the request
+path, and where the two disagree the text goes to the reviewers first.
+
+A request only offers its texts (`offer`: a random draw and a put into a bounded queue, never a wait); one daemon
+thread scores them with the shadow model and compares. When the queue is full, or the service has work waiting
+for its own model, the texts are dropped and counted: the shadow never takes a forward pass from a request.
+Counts per candidate are cumulative; the roll-out monitor stores them in the database (service/rollout_monitor.py).
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import random
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+from guardloop.models.onnx_model import Verdict
+from guardloop.service.model_holder import LoadedModel
+from guardloop.service.pool_writer import top_two_margin
+
+from guardloop.core import rollout_telemetry as metrics
+from guardloop.core.rollout_judgement import add_counts, empty_shadow_counts
+from guardloop.storage.pool import PoolRecord
+from guardloop.storage.rollout_tallies import Disagreement
+
+log = logging.getLogger(__name__)
+
+SHADOW = "shadow"  # PoolRecord.sampled_by of a text the shadow disagreed on
+
+
+@dataclass(frozen=True)
+class _Job:
+    shadow: LoadedModel
+    serving_version: str
+    texts: list[str]  # as sent (what the pool would store)
+    canonical: list[str]  # what the models read
+    verdicts: list[Verdict]  # the serving model's
+    client_id: str | None
+
+
+class ShadowScorer:
+    def __init__(
+        self,
+        *,
+        share: float,
+        queue_size: int,
+        busy: Callable[[], bool] = lambda: False,
+        on_disagreements: Callable[[str, list[Disagreement]], None] | None = None,
+        seed: int | None = None,
+    ) -> None:
+        """`busy`: whether the served model has work waiting (then offered texts are dropped); `on_disagreements`
+        (candidate, disagreements) runs in the shadow thread, e.g. to put them in the review queue."""
+        self._share = share
+        self._queue: queue.Queue[_Job | None] = queue.Queue(maxsize=queue_size)
+        self._busy = busy
+        self._on_disagreements = on_disagreements
+        self._random = random.Random(seed)
+        self._counts: dict[str, dict[str, Any]] = {}
+        self._lock = threading.Lock()
+        self._thread = threading.Thread(target=self._run, name="shadow", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self, timeout: float = 5.0) -> None:
+        try:
+            self._queue.put(None, timeout=timeout)
+        except queue.Full:
+            return  # the daemon thread dies with the process
+        self._thread.join(timeout)
+
+    # ------------------------------------------------------------------ the request path
+    def offer(
+        self,
+        shadow: LoadedModel | None,
+        serving: LoadedModel,
+        texts: Sequence[str],
+        canonical: Sequence[str],
+        verdicts: Sequence[Verdict],
+        client_id: str | None,
+    ) -> None:
+        """Queue a copy of a request's results for the shadow, or drop it; never waits, never raises."""
+        if shadow is None or not texts or shadow.version == serving.version:
+            return
+        if self._share < 1.0 and self._random.random() >= self._share:
+            return
+        job = _Job(shadow, serving.version, list(texts), list(canonical), list(verdicts), client_id)
+        if self._busy():
+            self._dropped(shadow.version, len(texts))
+            return
+        try:
+            self._queue.put_nowait(job)
+        except queue.Full:
+            self._dropped(shadow.version, len(texts))
+
+    def _dropped(self, candidate: str, count: int) -> None:
+        metrics.SHADOW_DROPPED.inc(count)
+        with self._lock:
+            self._counts.setdefault(candidate, empty_shadow_counts())["dropped"] += count
+
+    def counts(self) -> dict[str, dict[str, Any]]:
+        """Cumulative counts per candidate since this process started (a copy)."""
+        with self._lock:
+            return {candidate: add_counts({}, counts) for candidate, counts in self._counts.items()}
+
+    def idle(self) -> bool:
+        return self._queue.unfinished_tasks == 0
+
+    # ------------------------------------------------------------------ the shadow thread
+    def _run(self) -> None:
+        while True:
+            job = self._queue.get()
+            try:
+                if job is None:
+                    return
+                self._score(job)
+            except Exception:  # one failing job must not end shadow scoring
+                log.exception("shadow scoring of %d texts failed", len(job.texts) if job else 0)
+            finally:
+                self._queue.task_done()
+
+    def _score(self, job: _Job) -> None:
+        started = time.perf_counter()
+        classifier = job.shadow.classifier
+        shadow_verdicts = [classifier.verdict(row) for row in classifier.predict_proba(job.canonical)]
+        seconds = time.perf_counter() - started
+        for _ in job.texts:
+            metrics.SHADOW_SECONDS.observe(seconds / len(job.texts))
+        metrics.SHADOW_SCORED.inc(len(job.texts))
+        disagreements: list[Disagreement] = []
+        now = datetime.now(UTC)
+        with self._lock:
+            counts = self._counts.setdefault(job.shadow.version, empty_shadow_counts())
+            counts["scored"] += len(job.texts)
+            counts["shadow_seconds"] += seconds
+            for text, serving, shadow in zip(job.texts, job.verdicts, shadow_verdicts, strict=True):
+                for label in {serving.label, shadow.label} if serving.label != shadow.label else ():
+                    counts["per_class"][label]["disagreed"] += 1
+                    metrics.SHADOW_DISAGREEMENTS.labels(label=label).inc()
+                for label in serving.flagged_categories:
+                    counts["per_class"][label]["serving_flagged"] += 1
+                    metrics.SHADOW_FLAGGED.labels(label=label, model="serving").inc()
+                for label in shadow.flagged_categories:
+                    counts["per_class"][label]["shadow_flagged"] += 1
+                    metrics.SHADOW_FLAGGED.labels(label=label, model="shadow").inc()
+                if serving.label != shadow.label:
+                    counts["disagreed"] += 1
+                    disagreements.append(Disagreement(_record(text, serving, job, now), shadow.label))
+        if disagreements and self._on_disagreements is not None:
+            self._on_disagreements(job.shadow.version, disagreements)
+
+
+def _record(text: str, verdict: Verdict, job: _Job, now: datetime) -> PoolRecord:
+    return PoolRecord(
+        text=text,
+        label=verdict.label,
+        scores=verdict.scores,
+        uncertainty=verdict.uncertainty,
+        margin=top_two_margin(verdict.scores),
+        model_version=job.serving_version,
+        sampled_by=SHADOW,
+        client_id=job.client_id[:64] if job.client_id else None,
+        seen_at=now,
+    )

@@ -3,9 +3,12 @@
 
 from __future__ import annotations
 
+import json
 import time
 from collections import Counter
+from collections.abc import Iterator
 from contextlib import ExitStack
+from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
@@ -21,7 +24,7 @@ from guardloop.core.rollout_judgement import CanaryBounds, canary_problem, judge
 from guardloop.core.settings import Settings
 from guardloop.storage import Database, ReviewRepository
 from guardloop.storage.rollout_tallies import RolloutRepository
-from tests.conftest import live_server, wait_for
+from tests.conftest import live_server, temporary_postgres_database, wait_for
 from tests.tiny_onnx import publish_dir, publish_tiny, write_tiny_model
 
 TEXTS = [f"customer message {i}: question about order {i * 7} and the weather in town {i % 13}" for i in range(60)]
@@ -55,8 +58,12 @@ def replica_settings(registry: ModelRegistry, database_url: str, data_dir: Path,
     )
 
 
+# One client for the module: HTTP.post() builds a new client (and its TLS context, ~80 ms) on every call.
+HTTP = httpx.Client(timeout=10)
+
+
 def current(url: str) -> dict:
-    return httpx.get(f"{url}/models/current", timeout=10).json()
+    return HTTP.get(f"{url}/models/current").json()
 
 
 # ----------------------------------------------------------------------------- the registry's roll-out state
@@ -108,78 +115,135 @@ def test_judgements():
 
 
 # ----------------------------------------------------------------------------- two replicas, one database
-def test_a_shadow_that_disagrees_on_one_class_stays_in_shadow_and_its_disagreements_reach_the_reviewers(
-    tmp_path: Path, postgres_url: str
-):
-    registry = ModelRegistry(tmp_path / "registry")
-    serving = publish_dir(registry, write_tiny_model(tmp_path / "serving", seed=0))
-    candidate = publish_dir(registry, write_leaning_model(tmp_path / "leaning", "self-harm", 0.5), make_current=False)
-    Rollouts(registry).start_shadow(candidate)
-    settings = replica_settings(
-        registry, postgres_url, tmp_path / "trainer", shadow_min_texts=len(TEXTS), shadow_max_disagreement=0.05
-    )
-    with ExitStack() as stack:
+@dataclass
+class Fleet:
+    registry: ModelRegistry
+    database: Database
+    urls: list[str]
+    serving: str
+    settings: Settings  # what the trainer's promote-shadow step runs with
+    tmp: Path
+
+
+@pytest.fixture(scope="module")
+def fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fleet]:
+    """Two service instances on one PostgreSQL database and one registry, shared by the tests below (each rolls out
+    a candidate of its own and ends its roll-out)."""
+    tmp = tmp_path_factory.mktemp("fleet")
+    registry = ModelRegistry(tmp / "registry")
+    serving = publish_dir(registry, write_tiny_model(tmp / "serving", seed=0))
+    overrides = {"canary_min_requests": 10, "canary_by": "request", "shadow_min_texts": len(TEXTS)}
+    with temporary_postgres_database() as url, ExitStack() as stack:
         urls = [
-            stack.enter_context(live_server(replica_settings(registry, postgres_url, tmp_path / f"data-{i}")))
+            stack.enter_context(live_server(replica_settings(registry, url, tmp / f"data-{i}", **overrides)))
             for i in range(2)
         ]
-        assert wait_for(lambda: all(current(url)["rollout"]["loaded"] for url in urls), timeout=20)
-        answered = Counter()
-        for index, text in enumerate(TEXTS):
-            body = httpx.post(f"{urls[index % 2]}/classify", json={"text": text}, timeout=10).json()
-            answered[body["model_version"]] += 1  # the shadow answers nothing
-        assert answered == {serving: len(TEXTS)}
-        database = Database(postgres_url)
-        tallies = RolloutRepository(database)
-        assert wait_for(lambda: tallies.totals(candidate, "shadow").get("scored") == len(TEXTS), timeout=20)
+        database = Database(url)
+        stack.callback(database.dispose)
+        yield Fleet(
+            registry, database, urls, serving, replica_settings(registry, url, tmp / "trainer", **overrides), tmp
+        )
+
+
+def test_a_shadow_that_disagrees_on_one_class_stays_in_shadow_and_its_disagreements_reach_the_reviewers(fleet: Fleet):
+    registry, urls = fleet.registry, fleet.urls
+    candidate = publish_dir(registry, write_leaning_model(fleet.tmp / "leaning", "self-harm", 0.5), make_current=False)
+    Rollouts(registry).start_shadow(candidate)
+    assert wait_for(lambda: all((current(url)["rollout"] or {}).get("loaded") for url in urls), timeout=20)
+    answered = Counter()
+    for index, text in enumerate(TEXTS):
+        body = HTTP.post(f"{urls[index % 2]}/classify", json={"text": text}).json()
+        answered[body["model_version"]] += 1  # the shadow answers nothing
+    assert answered == {fleet.serving: len(TEXTS)}
+    tallies = RolloutRepository(fleet.database)
+    assert wait_for(lambda: tallies.totals(candidate, "shadow").get("scored") == len(TEXTS), timeout=20)
     counts = tallies.totals(candidate, "shadow")
     moved = counts["per_class"]["self-harm"]["disagreed"]
     assert counts["disagreed"] == moved > len(TEXTS) * 0.1  # every disagreement is about self-harm
-    queue = ReviewRepository(database).queue("alice", limit=100)
+    queue = ReviewRepository(fleet.database).queue("alice", limit=100)
     assert len(queue) == moved
     assert {(item.request_reason["shadow"], item.request_reason["shadow_label"], item.priority) for item in queue} == {
-        (candidate, "self-harm", settings.shadow_review_priority)
+        (candidate, "self-harm", fleet.settings.shadow_review_priority)
     }
-    step = advance_rollout(settings, registry, database)
+    step = advance_rollout(fleet.settings, registry, fleet.database)  # the promote-shadow step
     assert step.action == "wait" and "self-harm" in step.reason
-    assert Rollouts(registry).state().stage == "shadow" and registry.current() == serving
-    database.dispose()
+    assert Rollouts(registry).state().stage == "shadow" and registry.current() == fleet.serving
+    Rollouts(registry).abort(reason="test done")
 
 
-def test_a_bad_canary_is_rolled_back_automatically_while_every_request_succeeds(tmp_path: Path, postgres_url: str):
-    registry = ModelRegistry(tmp_path / "registry")
-    serving = publish_dir(registry, write_tiny_model(tmp_path / "serving", seed=0))
-    flags_everything = publish_tiny(registry, tmp_path, favour="self-harm", make_current=False)
+def test_a_bad_canary_is_rolled_back_automatically_while_every_request_succeeds(fleet: Fleet):
+    registry, urls = fleet.registry, fleet.urls
+    flags_everything = publish_tiny(registry, fleet.tmp, favour="self-harm", make_current=False)
     window = 10.0  # seconds from the canary's start to its halt on both replicas, generous for a loaded machine
-    overrides = {"canary_min_requests": 10, "canary_by": "request"}
-    settings = replica_settings(registry, postgres_url, tmp_path / "trainer", **overrides)
-    with ExitStack() as stack:
-        urls = [
-            stack.enter_context(
-                live_server(replica_settings(registry, postgres_url, tmp_path / f"data-{i}", **overrides))
-            )
-            for i in range(2)
-        ]
-        Rollouts(registry).start_canary(flags_everything, 0.5, by="request")
-        assert wait_for(lambda: all(current(url)["rollout"]["loaded"] for url in urls), timeout=20)
-        started = time.monotonic()
-        statuses, answered_by = Counter(), Counter()
-        index = 0
-        while time.monotonic() - started < window and not all(current(url)["rollout"]["halted"] for url in urls):
-            response = httpx.post(f"{urls[index % 2]}/classify", json={"text": TEXTS[index % len(TEXTS)]}, timeout=10)
-            statuses[response.status_code] += 1
-            answered_by[response.json()["model_version"]] += 1
-            index += 1
-        halted_after = time.monotonic() - started
-        assert halted_after < window, f"canary still routed after {window} s"
-        assert set(statuses) == {200}  # no request failed
-        assert answered_by[flags_everything] > 0  # it did answer some, before it was halted
-        reason = current(urls[0])["rollout"]["halted"]
-        assert "flag rate" in reason
-        after = [httpx.post(f"{urls[i % 2]}/classify", json={"text": TEXTS[i]}, timeout=10).json() for i in range(20)]
-        assert {body["model_version"] for body in after} == {serving}  # every replica dropped the canary
-    database = Database(postgres_url)
-    step = advance_rollout(settings, registry, database)  # the trainer records the rollback in the registry
+    Rollouts(registry).start_canary(flags_everything, 0.5, by="request")
+    assert wait_for(lambda: all((current(url)["rollout"] or {}).get("loaded") for url in urls), timeout=20)
+    started = time.monotonic()
+    statuses, answered_by = Counter(), Counter()
+    index = 0
+    while time.monotonic() - started < window and not all(current(url)["rollout"]["halted"] for url in urls):
+        response = HTTP.post(f"{urls[index % 2]}/classify", json={"text": TEXTS[index % len(TEXTS)]})
+        statuses[response.status_code] += 1
+        answered_by[response.json()["model_version"]] += 1
+        index += 1
+    assert time.monotonic() - started < window, f"canary still routed after {window} s"
+    assert set(statuses) == {200}  # no request failed
+    assert answered_by[flags_everything] > 0  # it did answer some, before it was halted
+    assert "flag rate" in current(urls[0])["rollout"]["halted"]
+    after = [HTTP.post(f"{urls[i % 2]}/classify", json={"text": TEXTS[i]}).json() for i in range(20)]
+    assert {body["model_version"] for body in after} == {fleet.serving}  # every replica dropped the canary
+    step = advance_rollout(fleet.settings, registry, fleet.database)  # the trainer records the rollback
     assert step.action == "abort" and "flag rate" in step.reason
-    assert Rollouts(registry).state() is None and registry.current() == serving
-    database.dispose()
+    assert Rollouts(registry).state() is None and registry.current() == fleet.serving
+
+
+# ----------------------------------------------------------------------------- the shadow never waits
+def test_the_shadow_drops_and_counts_what_it_cannot_take_without_waiting(tmp_path: Path, registry: ModelRegistry):
+    from guardloop.service.model_holder import ModelHolder
+    from guardloop.service.shadow import ShadowScorer
+
+    publish_tiny(registry, tmp_path, seed=0)
+    Rollouts(registry).start_shadow(publish_tiny(registry, tmp_path, seed=1, make_current=False))
+    holder = ModelHolder(registry)
+    holder.follow_registry()
+    serving, shadow = holder.current, holder.shadow
+    verdicts = [serving.classifier.verdict(row) for row in serving.classifier.predict_proba(TEXTS[:4])]
+    busy = ShadowScorer(share=1.0, queue_size=8, busy=lambda: True)  # the served model has work waiting
+    busy.offer(shadow, serving, TEXTS[:4], TEXTS[:4], verdicts, None)
+    assert busy.counts()[shadow.version]["dropped"] == 4 and busy.counts()[shadow.version]["scored"] == 0
+    full = ShadowScorer(share=1.0, queue_size=1)  # not started: its queue fills at once
+    started = time.perf_counter()
+    for _ in range(50):
+        full.offer(shadow, serving, TEXTS[:4], TEXTS[:4], verdicts, None)
+    assert time.perf_counter() - started < 0.05
+    assert full.counts()[shadow.version]["dropped"] == 49 * 4
+    scorer = ShadowScorer(share=1.0, queue_size=8)
+    scorer.start()
+    scorer.offer(shadow, serving, TEXTS[:4], TEXTS[:4], verdicts, None)
+    assert wait_for(lambda: scorer.counts().get(shadow.version, {}).get("scored") == 4, timeout=10)
+    scorer.stop()
+
+
+# ----------------------------------------------------------------------------- the CLI
+def test_models_canary_and_status_commands(tmp_path: Path, registry: ModelRegistry):
+    from typer.testing import CliRunner
+
+    from guardloop.cli import app
+
+    env = {"GUARDLOOP_REGISTRY_DIR": str(registry.root), "GUARDLOOP_DATA_DIR": str(tmp_path / "data")}
+    runner = CliRunner()
+    base = publish_tiny(registry, tmp_path, seed=0)
+    result = runner.invoke(app, ["models", "canary"], env=env)
+    assert result.exit_code == 2 and "name the VERSION" in result.output
+    candidate = publish_tiny(registry, tmp_path, seed=1, make_current=False)
+    result = runner.invoke(app, ["models", "canary", candidate, "--share", "0.3", "--by", "request"], env=env)
+    assert result.exit_code == 0 and "0.3 of traffic (by request)" in result.output
+    result = runner.invoke(app, ["models", "canary", candidate, "--share", "3"], env=env)
+    assert result.exit_code == 2 and "must lie in (0, 1]" in result.output
+    result = runner.invoke(app, ["models", "status", "--json"], env=env)
+    status = json.loads(result.output)
+    assert status["current"] == base and status["rollout"]["key"] == "canary@0.3" and status["halted"] is None
+    result = runner.invoke(app, ["models", "canary", "--advance"], env=env)
+    assert result.exit_code == 0 and result.output.startswith("wait: 0 of 200 canary requests")
+    assert runner.invoke(app, ["models", "canary", "--abort"], env=env).exit_code == 0
+    assert "roll-out: none" in runner.invoke(app, ["models", "status"], env=env).output
+    assert registry.current() == base

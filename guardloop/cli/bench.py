@@ -31,6 +31,33 @@ def bench_classify(
     run_classify_bench(url, requests=requests, concurrency=concurrency, reference=reference, api_key=api_key)
 
 
+@bench_app.command("peer")
+@friendly_errors
+def bench_peer(
+    peer: Annotated[str, typer.Option(help="the dedicated inference server to compare with")] = "infinity",
+    seconds: Annotated[float, typer.Option(min=2, help="length of each measured phase")] = 10,
+    registry_dir: Annotated[Path | None, typer.Option(help="whose current model to serve (default: settings)")] = None,
+    peer_venv: Annotated[
+        Path | None, typer.Option(help="the peer's own virtual environment, created on first use")
+    ] = None,
+    reference: Annotated[bool, typer.Option(help="also time the in-process transformers pipeline")] = True,
+) -> None:
+    """guardloop's /classify beside a dedicated inference server (Infinity) on the same ONNX model and cores:
+    p50/p99 at concurrency 1, texts/s at 32 and 128, RSS, cold start, and the raw ONNX figures."""
+    from guardloop.bench.infinity_peer import DEFAULT_VENV
+    from guardloop.bench.peer import run_peer_bench
+
+    settings = load_settings()
+    run_peer_bench(
+        settings=settings,
+        registry_dir=registry_dir or settings.registry_dir,
+        peer=peer,
+        peer_venv=peer_venv or DEFAULT_VENV,
+        seconds=seconds,
+        reference=reference,
+    )
+
+
 @bench_app.command("soak")
 @friendly_errors
 def bench_soak(

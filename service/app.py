@@ -29,6 +29,7 @@ from guardloop.service.routers import (
     health,
     model_versions,
     moderations,
+    ops,
     pool,
     prometheus,
     review,
@@ -151,4 +152,5 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(review.router)
     app.include_router(review_page.router)
     app.include_router(pool.router)
+    app.include_router(ops.router)
     return app

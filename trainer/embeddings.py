@@ -11,6 +11,7 @@ import os
 import tempfile
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Protocol
 
 import numpy as np
 import onnxruntime as ort
@@ -19,6 +20,12 @@ from guardloop.trainer.base_models import minilm_dir
 from tokenizers import Tokenizer
 
 EMBEDDER_NAME = "all-MiniLM-L6-v2"
+
+
+class Embedder(Protocol):
+    """What the drift check and the pool map need of an embedder (tests give them synthetic ones)."""
+
+    def embed(self, texts: Sequence[str]) -> np.ndarray: ...
 
 
 def text_hash(text: str) -> str:

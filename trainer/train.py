@@ -12,8 +12,10 @@ from typing import Any
 
 from guardloop.models.registry import ModelCard, ModelRegistry
 from guardloop.trainer import base_models
+from guardloop.trainer.embeddings import SentenceEmbedder
 from guardloop.trainer.export import export_onnx, onnx_agreement
 from guardloop.trainer.finetune import FineTuneConfig, TrainingExample, fine_tune, predict_proba
+from guardloop.trainer.reference import write_reference
 
 from guardloop.core.datafiles import Example
 from guardloop.core.errors import UserError
@@ -107,6 +109,10 @@ def train_model(job: TrainJob, work_dir: Path) -> tuple[Path, ModelCard]:
             f"(need {MIN_ONNX_AGREEMENT:.0%}) and its probabilities differ by {agreement['mean_abs_prob_diff']:.3f} "
             f"on average (allowed {MAX_MEAN_PROB_DIFF}); not published"
         )
+    # The drift reference travels with the model (reference.py says why): staged here, published with it.
+    reference_rows = write_reference(
+        staging, [ex.text for ex in job.train], SentenceEmbedder(job.cache_dir), seed=job.config.seed
+    )
     label_counts = {label: sum(1 for ex in job.train if ex.label == label) for label in LABELS}
     card = ModelCard(
         version="unpublished",
@@ -122,6 +128,7 @@ def train_model(job: TrainJob, work_dir: Path) -> tuple[Path, ModelCard]:
             "seconds": round(result.seconds, 1),
             **distill_info,
             "quantization": quantization,
+            "drift_reference_rows": reference_rows,
         },
         quantization=quantization["mode"],
     )

@@ -11,7 +11,7 @@ from __future__ import annotations
 # isort: off
 from guardloop.cli.app import app
 from guardloop.cli import serve, training, cycles, simulate, variations  # noqa: F401  (they register commands)
-from guardloop.cli import registry_commands, bench, pool, reviewers  # noqa: F401  (they register groups)
+from guardloop.cli import registry_commands, bench, pool, pool_map, reviewers  # noqa: F401  (they register groups)
 # isort: on
 
 __all__ = ["app", "main"]

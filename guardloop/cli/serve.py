@@ -14,8 +14,10 @@ from prometheus_client import start_http_server
 
 from guardloop.cli.app import app, check_database_url, friendly_errors, load_settings, setup_logging
 from guardloop.core.errors import UserError
+from guardloop.core.policy import PolicyError
 from guardloop.models.registry import ModelRegistry
 from guardloop.service.app import create_app
+from guardloop.service.policy_store import read_policies
 from guardloop.trainer.scheduler import ScheduleError, build_scheduler
 
 log = logging.getLogger("guardloop.trainer")
@@ -36,6 +38,11 @@ def serve(
     setup_logging(level=settings.log_level)
     bind = host or settings.host
     check_database_url(settings)  # every check here runs before a model is loaded or trained
+    if settings.policy_path is not None:  # the service would refuse to start on it; say why in one line
+        try:
+            read_policies(settings.policy_path, settings.api_keys)
+        except PolicyError as exc:
+            raise UserError(f"GUARDLOOP_POLICY_PATH: {exc}") from None
     check_bindable(bind, port or settings.port, "--port" if port else "GUARDLOOP_PORT", "--port or GUARDLOOP_PORT")
     if not settings.api_keys and bind not in ("127.0.0.1", "::1", "localhost"):
         typer.echo(
@@ -55,11 +62,13 @@ def serve(
     if with_trainer:
         # The train extra (scikit-learn, torch): only a process that runs cycles needs them.
         from guardloop.trainer.cycle import build_cycle_runner
+        from guardloop.trainer.monitor import build_monitor_job
 
         runner = build_cycle_runner(settings)
         runner.export_last_promoted()  # the cycle metrics then show on this service's /metrics
+        check_drift = build_monitor_job(settings, runner.database, runner.registry)
         try:
-            scheduler = build_scheduler(settings, guarded(runner.run), blocking=False)
+            scheduler = build_scheduler(settings, guarded(runner.run), blocking=False, check_drift=check_drift)
         except ScheduleError as exc:
             raise UserError(str(exc)) from None
         scheduler.start()
@@ -87,10 +96,12 @@ def run_trainer() -> None:
     check_bindable(settings.host, settings.trainer_metrics_port, port_setting, port_setting)
     # The train extra (scikit-learn, torch): a serve-only install has no trainer process.
     from guardloop.trainer.cycle import build_cycle_runner
+    from guardloop.trainer.monitor import build_monitor_job
 
     runner = build_cycle_runner(settings)
+    check_drift = build_monitor_job(settings, runner.database, runner.registry)
     try:
-        scheduler = build_scheduler(settings, guarded(runner.run), blocking=True)
+        scheduler = build_scheduler(settings, guarded(runner.run), blocking=True, check_drift=check_drift)
     except ScheduleError as exc:
         raise UserError(str(exc)) from None
     try:  # the cycle, LLM and variation metrics (the CycleRunner exposed them) on their own port

@@ -192,6 +192,21 @@ class Settings(BaseSettings):
     cycle_min_labels: int = Field(1, ge=1, description="fewest new labels worth retraining for")
     cycle_interval_minutes: float | None = Field(60.0, gt=0, description="run the cycle every N minutes")
     cycle_cron: str | None = Field(None, description="crontab schedule instead of the interval, e.g. '0 3 * * *'")
+    # Drift and the pool map (trainer/monitor.py, trainer/pool_map.py): the trainer checks on its own schedule.
+    drift_check_minutes: float | None = Field(
+        60.0, gt=0, description="compare recent traffic with the model's training data every N minutes; unset: off"
+    )
+    drift_window_items: int = Field(
+        500, ge=30, le=5000, description="newest randomly sampled pool items a drift check compares"
+    )
+    drift_alpha: float = Field(0.01, gt=0, lt=0.5, description="drift test's false-alarm rate (permutation threshold)")
+    drift_starts_cycle: bool = Field(True, description="a drifted check starts a cycle now (once per served version)")
+    pool_map_items: int = Field(
+        5000, ge=0, le=50_000, description="newest pool items the trainer's pool map draws after each check; 0: none"
+    )
+    ops_dir: Path | None = Field(
+        None, description="where the trainer writes the pool map the service shows at /ops; unset: <registry>/.ops"
+    )
 
     @field_validator("cycle_cron")
     @classmethod
@@ -268,6 +283,17 @@ class Settings(BaseSettings):
     @property
     def admin_token_value(self) -> str | None:
         return self.admin_token.get_secret_value() if self.admin_token else None
+
+    @property
+    def ops_dir_path(self) -> Path:
+        """The pool map's directory: the registry volume is the one place both the trainer and every service
+        replica see (a dot-name: the registry never takes it for a version)."""
+        return self.ops_dir or self.registry_dir / ".ops"
+
+    @property
+    def pool_map_path(self) -> Path:
+        """The latest pool map: drawn by the trainer, shown by the service (GET /admin/ops/pool-map.png)."""
+        return self.ops_dir_path / "pool-map.png"
 
     @property
     def database_url_value(self) -> str:

@@ -155,6 +155,39 @@ VARIATIONS = Counter(
     "guardloop_variations_total", "generated variations: accepted or filtered", ["outcome"], registry=None
 )
 
+DRIFT_OUTCOMES = ("drifted", "stable", "skipped")
+DRIFT_SCORE = Gauge(
+    "guardloop_drift_score", "MMD^2 of recent sampled traffic against the served model's training data", registry=None
+)
+DRIFT_THRESHOLD = Gauge(
+    "guardloop_drift_threshold", "the drift score's permutation threshold (false-alarm rate alpha)", registry=None
+)
+DRIFT_P_VALUE = Gauge("guardloop_drift_p_value", "permutation p-value of the last drift check", registry=None)
+DRIFT_RECENT_ITEMS = Gauge(
+    "guardloop_drift_recent_items", "recent randomly sampled pool items the last drift check compared", registry=None
+)
+DRIFT_CHECKS = Counter(
+    "guardloop_drift_checks_total",
+    "drift checks: drifted, stable or skipped (no model, too few items)",
+    ["outcome"],
+    registry=None,
+)
+DRIFT_CYCLES = Counter(
+    "guardloop_drift_cycles_triggered_total", "cycles started early because traffic drifted", registry=None
+)
+ESTIMATED_PRECISION = Gauge(
+    "guardloop_estimated_precision",
+    "label-free expected precision per class on recent sampled traffic (confidence-based estimate)",
+    ["label"],
+    registry=None,
+)
+ESTIMATED_RECALL = Gauge(
+    "guardloop_estimated_recall",
+    "label-free expected recall per class on recent sampled traffic (confidence-based estimate)",
+    ["label"],
+    registry=None,
+)
+
 SERVICE_METRICS: tuple[Collector, ...] = (
     HTTP_REQUESTS,
     HTTP_REQUEST_SECONDS,
@@ -186,6 +219,14 @@ TRAINER_METRICS: tuple[Collector, ...] = (
     LLM_FAILURES,
     LLM_REQUEST_SECONDS,
     VARIATIONS,
+    DRIFT_SCORE,
+    DRIFT_THRESHOLD,
+    DRIFT_P_VALUE,
+    DRIFT_RECENT_ITEMS,
+    DRIFT_CHECKS,
+    DRIFT_CYCLES,
+    ESTIMATED_PRECISION,
+    ESTIMATED_RECALL,
 )
 
 # Every known label value exists at 0 from the start: rate(), increase() and "always rejected" need the 0.
@@ -196,6 +237,7 @@ _REFUSED = {reason: REQUESTS_REFUSED.labels(reason=reason) for reason in REFUSAL
 _CYCLES = {outcome: CYCLES.labels(outcome=outcome) for outcome in CYCLE_OUTCOMES}
 _RECALL = {label: LAST_PROMOTED_RECALL.labels(label=label) for label in LABELS}
 _ACCEPTED, _FILTERED = VARIATIONS.labels(outcome="accepted"), VARIATIONS.labels(outcome="filtered")
+_DRIFT_CHECKS = {outcome: DRIFT_CHECKS.labels(outcome=outcome) for outcome in DRIFT_OUTCOMES}
 for _step in CYCLE_STEPS:
     CYCLE_STEP_SECONDS.labels(step=_step)
 
@@ -282,3 +324,31 @@ def record_llm_request(seconds: float, *, failed: bool) -> None:
 def record_variations(accepted: int, filtered: int) -> None:
     _ACCEPTED.inc(accepted)
     _FILTERED.inc(filtered)
+
+
+def record_drift_check(
+    outcome: str,
+    *,
+    drift: dict | None = None,
+    precision: dict[str, float | None] | None = None,
+    recall: dict[str, float | None] | None = None,
+) -> None:
+    """A finished drift check (trainer/monitor.py): its outcome, the test's figures, the label-free estimate.
+    A class the estimate has no figure for (never predicted) loses its series rather than keeping a stale one."""
+    _DRIFT_CHECKS[outcome].inc()
+    if drift is not None:
+        DRIFT_SCORE.set(drift["score"])
+        DRIFT_THRESHOLD.set(drift["threshold"])
+        DRIFT_P_VALUE.set(drift["p_value"])
+        DRIFT_RECENT_ITEMS.set(drift["n_recent"])
+    for gauge, values in ((ESTIMATED_PRECISION, precision), (ESTIMATED_RECALL, recall)):
+        for label, value in (values or {}).items():
+            if value is None:
+                with contextlib.suppress(KeyError):
+                    gauge.remove(label)
+            else:
+                gauge.labels(label=label).set(value)
+
+
+def record_drift_cycle() -> None:
+    DRIFT_CYCLES.inc()

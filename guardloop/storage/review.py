@@ -80,13 +80,17 @@ class ReviewRepository:
         """The SQL condition "this item still needs a label": short of labels_per_item, or a second-opinion item
         short of two."""
         short = _real_label_count() < self.labels_per_item
+        # A label the trainer's label check doubts waits for a second reviewer (see suspects.py).
+        suspected = and_(_real_label_count() < 2, PoolItem.suspected_at.is_not(None))
         threshold = round(self.second_opinion_share * _BUCKETS)
         if threshold == 0:
-            return short
-        return or_(short, and_(_real_label_count() < 2, (PoolItem.id * _SPREAD) % _BUCKETS < threshold))
+            return or_(short, suspected)
+        return or_(short, suspected, and_(_real_label_count() < 2, (PoolItem.id * _SPREAD) % _BUCKETS < threshold))
 
-    def _labels_wanted(self, item_id: int) -> int:
-        return 2 if second_opinion_wanted(item_id, self.second_opinion_share) else self.labels_per_item
+    def _labels_wanted(self, item: PoolItem) -> int:
+        if item.suspected_at is not None or second_opinion_wanted(item.id, self.second_opinion_share):
+            return max(2, self.labels_per_item)
+        return self.labels_per_item
 
     def _open_for(self, reviewer: str) -> list[Any]:
         return [
@@ -102,7 +106,8 @@ class ReviewRepository:
             rows = session.scalars(
                 select(PoolItem)
                 .where(*self._open_for(reviewer))
-                .order_by(PoolItem.priority.desc(), PoolItem.requested_at, PoolItem.id)
+                # Suspected labels first: their items are withheld from training until a second reviewer answers.
+                .order_by(PoolItem.suspected_at.is_(None), PoolItem.priority.desc(), PoolItem.requested_at, PoolItem.id)
                 .limit(limit)
             ).all()
             return [StoredItem.of(row) for row in rows]
@@ -140,7 +145,7 @@ class ReviewRepository:
                     )
                 if self._adjudicated(session, item_id):
                     raise ItemComplete(f"item {item_id} is already adjudicated")
-                wanted = self._labels_wanted(item_id)
+                wanted = self._labels_wanted(item)
                 if label in LABELS and self._real_count(session, item_id) >= wanted:
                     raise ItemComplete(f"item {item_id} already has the {wanted} label(s) it needs")
                 return LabelView.of(_add_label(session, item_id, reviewer, label, comment, REVIEW))
@@ -151,13 +156,13 @@ class ReviewRepository:
         """Replace `reviewer`'s live answer for the item; the old row stays, pointing at the new one."""
         _check_answer(label, comment)
         with self.database.write() as session:
-            self._locked_item(session, item_id)
+            item = self._locked_item(session, item_id)
             old = self._live_answer(session, item_id, reviewer, REVIEW)
             if old is None:
                 raise NothingToUndo(
                     f"you have no answer for item {item_id} to correct; answer it first (POST .../label)"
                 )
-            wanted = self._labels_wanted(item_id)
+            wanted = self._labels_wanted(item)
             if label in LABELS and old.label not in LABELS and self._real_count(session, item_id) >= wanted:
                 raise ItemComplete(f"item {item_id} already has the {wanted} label(s) it needs")
             return LabelView.of(self._replace(session, old, label, comment, REVIEW))
@@ -270,7 +275,7 @@ class ReviewRepository:
                 .where(Label.active.is_(True), Label.label.in_(LABELS), PoolItem.requested_at.is_not(None))
                 .order_by(Label.item_id, Label.id)
             ).all()
-            first_answers = self._first_answers(session) if self.labels_per_item == 1 else {}
+            first_answers = self._first_answers(session)
         by_item: dict[int, tuple[PoolItem, list[Label]]] = {}
         for label, item in rows:
             by_item.setdefault(item.id, (item, []))[1].append(label)
@@ -301,9 +306,29 @@ class ReviewRepository:
         self, item: PoolItem, labels: Sequence[Label], first_answers: dict[tuple[int, str], int]
     ) -> FinalLabel | None:
         adjudications = [label for label in labels if label.kind == ADJUDICATION]
-        reviews = [label for label in labels if label.kind == REVIEW]
+        reviews = sorted(
+            (label for label in labels if label.kind == REVIEW),
+            key=lambda label: first_answers.get((item.id, label.reviewer), label.id),
+        )  # in the order the reviewers first answered
+        checked = bool(adjudications) or len(reviews) > 1
+        if item.suspected_at is not None and not adjudications:
+            # A doubted label: withheld until a second reviewer answers; then that answer settles the item.
+            if len(reviews) < 2:
+                return None
+            second = reviews[1]
+            return FinalLabel(
+                item_id=item.id,
+                text=item.text,
+                label=second.label,
+                predicted=item.label,
+                reviewers=[reviews[0].reviewer, second.reviewer],
+                labeled_at=second.created_at,
+                adjudicated=False,
+                request_reason=item.request_reason,
+                checked=True,
+            )
         if self.labels_per_item == 1 and len(reviews) > 1:  # a second opinion: the first reviewer's label decides
-            reviews = [min(reviews, key=lambda label: first_answers.get((item.id, label.reviewer), label.id))]
+            reviews = reviews[:1]
         if adjudications:
             decided = adjudications[-1]
             return FinalLabel(
@@ -315,6 +340,7 @@ class ReviewRepository:
                 labeled_at=decided.created_at,
                 adjudicated=True,
                 request_reason=item.request_reason,
+                checked=True,
             )
         if len(reviews) < self.labels_per_item or len({label.label for label in reviews}) != 1:
             return None
@@ -327,6 +353,7 @@ class ReviewRepository:
             labeled_at=max(label.created_at for label in reviews),
             adjudicated=False,
             request_reason=item.request_reason,
+            checked=checked,
         )
 
     def my_label_count(self, reviewer: str) -> int:

@@ -78,6 +78,9 @@ class FinalLabel:
     labeled_at: datetime
     adjudicated: bool
     request_reason: dict[str, Any] | None
+    # More than one person looked at it (agreeing reviewers, a second opinion, a second look at a suspected label,
+    # an adjudication): the label check leaves such labels alone.
+    checked: bool = False
 
 
 @dataclass

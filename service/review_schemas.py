@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
-from typing import Any
+from dataclasses import asdict
+from typing import Any, Literal
 
+from guardloop.service.review_explain import Explanation, explain
 from pydantic import BaseModel, ConfigDict, Field
 
 from guardloop.core.canonical import canonical_text
 from guardloop.core.labels import LABELS
 from guardloop.storage import NON_LABELS, LabelView, StoredItem
 from guardloop.storage.agreement import Agreement
+from guardloop.storage.review_progress import ReviewProgress
 
 # A hard bound whatever the settings say; the configured limit (review_max_comment_chars) is checked in the route.
 COMMENT_HARD_LIMIT = 10_000
@@ -39,6 +42,30 @@ class ScoreOut(BaseModel):
     score: float
 
 
+class ExplanationOut(BaseModel):
+    why: str = Field(description="why this item, in words; names no label the model leans to")
+    model_guess: str = Field(description="the model's guess and its runner-up with their probabilities, in words")
+    predicted: str = Field(description="the most likely label under `scores`")
+    uncertainty: float = Field(description="normalized entropy of `scores`: 0 = sure, 1 = no idea")
+    scores: list[ScoreOut] = Field(description="the probabilities the explanation uses, highest first")
+    scored_when: Literal["picked", "classified"] = Field(
+        description="picked: the model that picked the item for review; classified: logged at classification"
+    )
+    scored_by: str | None = Field(description="the model version behind `scores`, when known")
+
+    @classmethod
+    def of(cls, explanation: Explanation) -> ExplanationOut:
+        return cls(
+            why=explanation.why,
+            model_guess=explanation.model_guess,
+            predicted=explanation.predicted,
+            uncertainty=explanation.uncertainty,
+            scores=[ScoreOut(label=label, score=score) for label, score in explanation.scores],
+            scored_when=explanation.scored_when,  # type: ignore[arg-type]
+            scored_by=explanation.scored_by,
+        )
+
+
 class ReviewItem(BaseModel):
     id: int
     text: str = Field(description="the user's text as stored (redacted when pool_redact is on); render it as text")
@@ -47,15 +74,16 @@ class ReviewItem(BaseModel):
         description="what the model read (fullwidth, bidi overrides, invisible characters, look-alike letters and "
         "leetspeak undone); null when it is the text itself",
     )
-    predicted_label: str
-    scores: list[ScoreOut] = Field(description="all six, highest first")
-    uncertainty: float
+    predicted_label: str = Field(description="the newest prediction logged for this text (see `explanation`)")
+    scores: list[ScoreOut] = Field(description="all six as logged at classification time, highest first")
+    uncertainty: float = Field(description="as logged at classification time (see `explanation.uncertainty`)")
     margin: float
     model_version: str
     seen_count: int
     reason: dict[str, Any] | None = Field(description="why the trainer picked it: strategy, cluster, uncertainty, ...")
     priority: float
     requested_at: str | None
+    explanation: ExplanationOut = Field(description="why this item and what the model thought, from one set of scores")
 
     @classmethod
     def of(cls, item: StoredItem) -> ReviewItem:
@@ -73,6 +101,7 @@ class ReviewItem(BaseModel):
             reason=item.request_reason,
             priority=item.priority,
             requested_at=item.requested_at.isoformat() if item.requested_at else None,
+            explanation=ExplanationOut.of(explain(item)),
         )
 
 
@@ -97,11 +126,25 @@ class LabelOut(BaseModel):
         return cls(**view.as_json())
 
 
+class ProgressOut(BaseModel):
+    queue_length: int = Field(description="items you can still answer")
+    my_labels: int = Field(description="your live labels, all time (skips and unsure not counted)")
+    done_today: int = Field(description="your live answers since day_start (labels and unsure; skips not counted)")
+    cycle_id: str | None = Field(description="the newest cycle waiting for labels; null when none waits")
+    cycle_requested: int = Field(description="items that cycle asked for")
+    cycle_left: int = Field(description="of those, the ones still short of the labels they need")
+
+    @classmethod
+    def of(cls, progress: ReviewProgress) -> ProgressOut:
+        return cls(**asdict(progress))
+
+
 class QueueResponse(BaseModel):
     items: list[ReviewItem]
     queue_length: int = Field(description="items you can still answer")
     my_labels: int = Field(description="your live labels (skips not counted)")
     labels_per_item: int
+    progress: ProgressOut
 
 
 class UndoResponse(BaseModel):

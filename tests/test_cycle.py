@@ -181,6 +181,10 @@ def test_cycle_waits_for_reviewers_then_resumes(cycle_env, tmp_path):
     assert waiting.status == AWAITING_LABELS
     queue = ReviewRepository(database).queue("alice", limit=50)
     assert len(queue) == 6 and all(item.request_reason["cycle_id"] == waiting.id for item in queue)
+    # The picking model's probabilities travel with the request: the review page explains the pick with them.
+    for item in queue:
+        assert set(item.request_reason["scores"]) == set(LABELS)
+        assert item.request_reason["scored_by"] == registry.current()
 
     for item in queue[:3]:
         ReviewRepository(database).add_label(item.id, "alice", POOL_TEXTS[item.text])

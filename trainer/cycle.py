@@ -214,7 +214,14 @@ class CycleRunner:
             requests = [
                 LabelRequest(
                     items[s.index].id,
-                    {**s.reason, "cycle_id": cycle.id},
+                    # The picking model's probabilities: the review page explains the pick with these, not with
+                    # the (possibly older) ones logged when the text was classified.
+                    {
+                        **s.reason,
+                        "cycle_id": cycle.id,
+                        "scores": {label: round(float(p), 4) for label, p in zip(LABELS, probs[s.index], strict=True)},
+                        "scored_by": classifier.version if classifier else None,
+                    },
                     priority=float(s.reason.get("uncertainty", 0.0)),
                 )
                 for s in selections

@@ -201,6 +201,7 @@ class RareAwareCluster:
         clusters = KMeans(n_clusters=k, n_init=4, random_state=random_state).fit_predict(embeddings)
         uncertainty = entropy(probs)
         cluster_uses = np.zeros(k, dtype=int)
+        cluster_sizes = np.bincount(clusters, minlength=k)
         taken = np.zeros(n, dtype=bool)
         picks: list[Selection] = []
 
@@ -210,6 +211,7 @@ class RareAwareCluster:
             reason = {
                 "strategy": self.name,
                 "cluster": int(clusters[i]),
+                "cluster_size": int(cluster_sizes[clusters[i]]),  # the review page says how many it stands for
                 "uncertainty": float(uncertainty[i]),
                 "predicted": names[predicted[i]],
                 **reason,

@@ -15,6 +15,7 @@ from pydantic_settings import (
 )
 
 from guardloop.core.config_file import read_config_file
+from guardloop.core.label_definitions import DefinitionsError, load_definitions
 from guardloop.core.labels import SAFE_LABEL, parse_label
 from guardloop.core.rates import Rate
 
@@ -107,6 +108,13 @@ class Settings(BaseSettings):
         "(chosen by item id), so reviewer agreement is always measured; the first label still decides",
     )
     review_max_comment_chars: int = Field(2000, ge=0, le=10_000, description="longest reviewer comment accepted")
+    # Anchoring: a reviewer shown the model's guess first tends to agree with it, and those labels train the model.
+    review_hide_model_guess: bool = Field(
+        True, description="the review page shows the model's guess only after the reviewer answers"
+    )
+    review_definitions_path: Path | None = Field(
+        None, description="label definitions for reviewers (YAML, all six labels); default: the team's file"
+    )
     api_keys: dict[str, SecretStr] = Field(
         default_factory=dict, description="client name -> API key for /classify; empty: no key needed"
     )
@@ -207,6 +215,16 @@ class Settings(BaseSettings):
     ops_dir: Path | None = Field(
         None, description="where the trainer writes the pool map the service shows at /ops; unset: <registry>/.ops"
     )
+
+    @field_validator("review_definitions_path")
+    @classmethod
+    def _check_definitions(cls, value: Path | None) -> Path | None:
+        if value is not None:
+            try:
+                load_definitions(value)
+            except DefinitionsError as exc:
+                raise ValueError(str(exc)) from None
+        return value
 
     @field_validator("cycle_cron")
     @classmethod

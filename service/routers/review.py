@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
+from datetime import UTC, datetime, timedelta
 from typing import Annotated
 
 from fastapi import APIRouter, HTTPException, Path, Query, status
@@ -18,6 +19,7 @@ from guardloop.service.review_schemas import (
     ItemHistory,
     LabelBody,
     LabelOut,
+    ProgressOut,
     QueueResponse,
     ReviewItem,
     ReviewStatsOut,
@@ -41,6 +43,7 @@ from guardloop.storage import (
     ReviewRepository,
 )
 from guardloop.storage.agreement import read_agreement
+from guardloop.storage.review_progress import review_progress
 
 router = APIRouter(
     prefix="/review",
@@ -116,23 +119,63 @@ def _item(database: DatabaseDep, item_id: int) -> ReviewItem:
     return ReviewItem.of(item)
 
 
+DayStart = Annotated[
+    datetime | None,
+    Query(
+        description="when your day began, with its UTC offset (e.g. 2026-05-04T00:00:00+02:00), for done_today; "
+        "default: midnight UTC"
+    ),
+]
+
+
+def checked_day_start(day_start: datetime | None) -> datetime:
+    now = datetime.now(UTC)
+    if day_start is None:
+        return now.replace(hour=0, minute=0, second=0, microsecond=0)
+    if day_start.tzinfo is None:
+        raise HTTPException(
+            status.HTTP_422_UNPROCESSABLE_CONTENT, "day_start needs a UTC offset, e.g. 2026-05-04T00:00:00+02:00"
+        )
+    if not now - timedelta(hours=48) <= day_start <= now + timedelta(hours=14):
+        raise HTTPException(
+            status.HTTP_422_UNPROCESSABLE_CONTENT, "day_start must be the start of your current day (local midnight)"
+        )
+    return day_start
+
+
 @router.get("/queue", response_model=QueueResponse, summary="The next items for you, highest priority first")
 def queue(
     reviewer: ReviewerName,
     database: DatabaseDep,
     settings: SettingsDep,
     limit: Annotated[int, Query(ge=1, le=100, description="how many items")] = 1,
+    day_start: DayStart = None,
 ) -> QueueResponse:
+    since = checked_day_start(day_start)
     reviews = _reviews(database, settings)
     with review_errors():  # counts only: this runs after every answer, the full stats are GET /review/stats
         items = reviews.queue(reviewer, limit=limit)
-        queue_length, my_labels = reviews.queue_length(reviewer), reviews.my_label_count(reviewer)
+        progress = review_progress(reviews, reviewer, day_start=since)
     return QueueResponse(
         items=[ReviewItem.of(item) for item in items],
-        queue_length=queue_length,
-        my_labels=my_labels,
+        queue_length=progress.queue_length,
+        my_labels=progress.my_labels,
         labels_per_item=settings.review_labels_per_item,
+        progress=ProgressOut.of(progress),
     )
+
+
+@router.get(
+    "/progress",
+    response_model=ProgressOut,
+    summary="Your progress: answered today, your queue, and what the current cycle still needs",
+)
+def progress(
+    reviewer: ReviewerName, database: DatabaseDep, settings: SettingsDep, day_start: DayStart = None
+) -> ProgressOut:
+    since = checked_day_start(day_start)
+    with review_errors():
+        return ProgressOut.of(review_progress(_reviews(database, settings), reviewer, day_start=since))
 
 
 @router.post(

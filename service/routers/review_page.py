@@ -11,8 +11,10 @@ from pathlib import Path
 
 from fastapi import APIRouter, HTTPException, status
 from fastapi.responses import FileResponse, HTMLResponse
+from guardloop.service.deps import SettingsDep
 from jinja2 import Environment, FileSystemLoader, select_autoescape
 
+from guardloop.core.label_definitions import load_definitions
 from guardloop.core.labels import LABELS
 
 SERVICE_DIR = Path(__file__).resolve().parent.parent
@@ -39,9 +41,15 @@ router = APIRouter(tags=["review"], include_in_schema=False)
 
 
 @router.get("/review", response_class=HTMLResponse)
-def review_page() -> HTMLResponse:
+def review_page(settings: SettingsDep) -> HTMLResponse:
     keyed = [(str(i + 1), label) for i, label in enumerate(LABELS)]
-    html = TEMPLATES.get_template("review.html").render(labels=keyed)
+    # Validated when the settings were read, so this cannot fail here; the file is read once (cached).
+    definitions = load_definitions(settings.review_definitions_path)
+    html = TEMPLATES.get_template("review.html").render(
+        labels=keyed,
+        definitions=definitions.in_label_order(),
+        hide_guess=settings.review_hide_model_guess,
+    )
     return HTMLResponse(html, headers=PAGE_HEADERS)
 
 

@@ -333,6 +333,9 @@ def test_a_long_item_scrolls_in_its_box_and_the_buttons_stay_in_view(site, open_
     for button in page.locator("#answer button").all():
         bounds = button.bounding_box()
         assert bounds is not None and bounds["y"] >= 0 and bounds["y"] + bounds["height"] <= height, button.inner_text()
+    # The item comes first: its box starts near the top and a good part of it shows above the answer bar.
+    text_top, bar_top = box.bounding_box()["y"], page.locator("#answer").bounding_box()["y"]
+    assert text_top < 200 and bar_top - text_top >= 0.3 * height, (text_top, bar_top)
     if SCREENSHOTS and width > 1000:
         page.screenshot(path=f"{SCREENSHOTS}/review-long-item.png")
     # Keyboard only: Tab reaches the text box, the arrow keys scroll it, and the label keys still work from there.

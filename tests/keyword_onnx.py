@@ -30,7 +30,33 @@ def publish_keyword_model(
     default_bias: float = 2.0,
 ) -> str:
     """Publish (as current) a model where `word` adds `weight` to `label` for each `word: (label, weight)`."""
-    staging = write_tiny_model(tmp / f"staging-keywords-{datetime.now(UTC).timestamp()}")
+    staging = write_keyword_model(
+        tmp / f"staging-keywords-{datetime.now(UTC).timestamp()}",
+        keywords,
+        default_label=default_label,
+        default_bias=default_bias,
+    )
+    version = registry.new_version_name()
+    card = ModelCard(
+        version=version,
+        created_at=datetime.now(UTC),
+        labels=list(LABELS),
+        thresholds=dict.fromkeys(LABELS, 0.5),
+        parent=registry.current(),
+    )
+    registry.publish(staging, card)
+    return version
+
+
+def write_keyword_model(
+    out_dir: Path,
+    keywords: dict[str, tuple[str, float]],
+    *,
+    default_label: str = "not-harmful",
+    default_bias: float = 2.0,
+) -> Path:
+    """The keyword model's directory (model.onnx, tokenizer.json, labels.json) in `out_dir`, unpublished."""
+    staging = write_tiny_model(out_dir)
     tokenizer = Tokenizer.from_file(str(staging / "tokenizer.json"))
     model = onnx.load(staging / "model.onnx")
     table = np.zeros((tokenizer.get_vocab_size(), len(LABELS)), dtype=np.float32)
@@ -46,13 +72,4 @@ def publish_keyword_model(
         elif initializer.name == "bias":
             initializer.CopyFrom(numpy_helper.from_array(bias, "bias"))
     onnx.save(model, staging / "model.onnx")
-    version = registry.new_version_name()
-    card = ModelCard(
-        version=version,
-        created_at=datetime.now(UTC),
-        labels=list(LABELS),
-        thresholds=dict.fromkeys(LABELS, 0.5),
-        parent=registry.current(),
-    )
-    registry.publish(staging, card)
-    return version
+    return staging

@@ -20,7 +20,6 @@ import onnxruntime as ort
 import pytest
 import torch
 from guardloop.models.registry import ModelCard, ModelRegistry
-from guardloop.trainer import base_models
 from guardloop.trainer import train as train_module
 from guardloop.trainer.export import export_onnx
 from guardloop.trainer.finetune import FineTuneConfig, FineTuneResult
@@ -67,9 +66,9 @@ def exported(tiny_base: Path, tmp_path_factory: pytest.TempPathFactory) -> Expor
         config=FineTuneConfig(epochs=12, learning_rate=5e-3, max_seq_len=MAX_LEN),
         fingerprints={},
         progress=False,
+        base_model=tiny_base,  # as `guardloop train --base-model DIR`
     )
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(base_models, "minilm_dir", lambda: tiny_base)
         patch.setattr(train_module, "fine_tune", capturing_fine_tune)
         staging, card = train_model(job, tmp_path_factory.mktemp("work"))
     return Exported(job, captured[0], staging, card)
@@ -116,6 +115,11 @@ def test_the_fp32_export_computes_the_torch_models_logits(exported, tmp_path):
     labels = (tmp_path / "fp32" / "labels.json").read_text(encoding="utf-8")
     assert labels == (exported.staging / "labels.json").read_text(encoding="utf-8")
     assert [exported.result.model.config.id2label[i] for i in range(len(LABELS))] == list(LABELS)
+
+
+def test_an_operators_base_model_directory_is_trained_exported_and_named_on_the_card(exported, tiny_base):
+    assert exported.card.base_model == str(tiny_base)
+    assert (exported.staging / "model.onnx").is_file() and (exported.staging / "tokenizer.json").is_file()
 
 
 def test_the_served_int8_model_agrees_with_torch_as_the_card_says(exported):

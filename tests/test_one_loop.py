@@ -29,7 +29,7 @@ from tests.tiny_onnx import publish_tiny
 
 STEP_FUNCTIONS = (
     "snapshot", "embed", "score", "select", "predicted_counts", "label", "generate", "build", "train",
-    "open_candidate", "evaluate", "gate", "publish",
+    "open_candidate", "predict", "gate_set", "gate", "publish",
 )  # fmt: skip
 # What only a database or a registry has: the simulation has no pool table to snapshot and nothing to publish.
 CYCLE_ONLY = {"snapshot", "predicted_counts", "publish"}

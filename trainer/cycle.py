@@ -28,16 +28,16 @@ from guardloop.models.registry import ModelRegistry, RegistryError, open_classif
 from guardloop.trainer import steps
 from guardloop.trainer.embeddings import SentenceEmbedder
 from guardloop.trainer.finetune import FineTuneConfig
-from guardloop.trainer.gate import GateDecision, gate
+from guardloop.trainer.gate import GateDecision, gate, rules_from
 from guardloop.trainer.labelers import ORACLE_REVIEWER, OracleLabeler
 from guardloop.trainer.rollout_step import advance_rollout, start_shadow
 from guardloop.trainer.train import TrainJob, train_and_publish
-from guardloop.trainer.training_set import base_files, base_training_sets, eval_set
+from guardloop.trainer.training_set import base_files, base_training_sets, eval_set, is_gold, split_gold
 from guardloop.trainer.variations import VariationGenerator
 from sqlalchemy.exc import SQLAlchemyError
 
 from guardloop.core import telemetry
-from guardloop.core.datafiles import load_examples
+from guardloop.core.datafiles import Example, load_examples
 from guardloop.core.labels import LABELS
 from guardloop.core.settings import Settings
 from guardloop.storage import Database, LabelRequest, PoolRepository, ReviewRepository, StorageError
@@ -282,11 +282,17 @@ class CycleRunner:
 
         with self._step(cycle, "build training set") as detail:
             base_train, dev = base_training_sets(self.settings)
-            human = [(f.text, f.label) for f in self.reviews.final_labels()]
-            variations = self.cycles.variations()
+            # The gold reserve (training_set.py) is never trained on, nor are its items' variations.
+            trainable, gold = split_gold(self.reviews.final_labels(), lambda f: f.item_id, self.settings.gold_share)
+            human = [(f.text, f.label) for f in trainable]
+            variations = self.cycles.variations(exclude_items=[f.item_id for f in gold])
             train = steps.build(base_train, human, variations)
-            detail.update(base=len(base_train), human_labels=len(human), variations=len(variations), dev=len(dev))
-        counts.update(train_size=len(train), human_labels_total=len(human), variations_total=len(variations))
+            detail.update(
+                base=len(base_train), human_labels=len(human), gold=len(gold), variations=len(variations), dev=len(dev)
+            )
+        counts.update(
+            train_size=len(train), human_labels_total=len(human), gold_total=len(gold), variations_total=len(variations)
+        )
         self.cycles.update(cycle.id, counts=counts)
 
         held_out = eval_set(self.settings)
@@ -300,40 +306,50 @@ class CycleRunner:
                     fingerprints={"cycle": cycle.id},
                     cache_dir=self.settings.data_dir / "cache",
                     progress=self.progress,
+                    base_model=self.settings.base_model,
+                    teacher=self.settings.teacher,
                 )
                 detail["dev_macro_f1"] = (card.metrics.get("dev") or {}).get("macro_f1")
                 detail["onnx_agreement"] = card.metrics["onnx_check"]["agreement"]
             with self._step(cycle, "evaluate") as detail:
                 candidate = steps.open_candidate(staging, max_seq_len=self.settings.max_seq_len)
-                candidate_report = steps.evaluate(candidate, held_out)
-                current_report = steps.evaluate(current, held_out) if current else None
-                detail["candidate_macro_f1"] = candidate_report["macro_f1"]
-                detail["current_macro_f1"] = current_report["macro_f1"] if current_report else None
+                # Both sets are scored and recorded; the gate judges on gold once it is large enough.
+                fixed = steps.judge("eval set", candidate, current, held_out)
+                gold_examples = [Example(f.text, f.label) for f in gold]
+                gold_set = steps.judge("gold reserve", candidate, current, gold_examples) if gold else None
+                judged, gate_note = steps.gate_set(fixed, gold_set, self.settings.gold_min_per_class)
+                detail["gate_set"] = judged.name
+                detail["candidate_macro_f1"] = judged.candidate["macro_f1"]
+                detail["current_macro_f1"] = judged.current["macro_f1"] if judged.current else None
             with self._step(cycle, "gate") as detail:
-                decision = steps.gate(
-                    candidate_report,
-                    current_report,
-                    max_f1_drop=self.settings.gate_max_macro_f1_drop,
-                    max_recall_drop=self.settings.gate_max_recall_drop,
-                )
+                decision = steps.gate(judged, rules_from(self.settings))
                 detail["promote"] = decision.promote
+            reason = f"{decision.reason}; {gate_note}"
             metrics = {
-                "candidate": candidate_report,
-                "current": current_report,
-                "gate": decision.reason,
+                "candidate": judged.candidate,  # on the set the gate judged on (gate_set)
+                "current": judged.current,
+                "gate": reason,
+                "gate_set": judged.name,
+                "gate_drops": decision.drops,
                 "eval_examples": len(held_out),
+                "eval_sets": {
+                    "eval set": fixed.record(),
+                    "gold reserve": {
+                        **(gold_set.record() if gold_set else {"n": 0}),
+                        "per_class": {label: sum(f.label == label for f in gold) for label in LABELS},
+                        "min_per_class": self.settings.gold_min_per_class,
+                    },
+                },
             }
             if not decision.promote:
-                self.cycles.update(
-                    cycle.id, status=REJECTED, reason=decision.reason, metrics=metrics, steps=self._steps
-                )
+                self.cycles.update(cycle.id, status=REJECTED, reason=reason, metrics=metrics, steps=self._steps)
                 return self.cycles.get(cycle.id)  # type: ignore[return-value]
             with self._step(cycle, "publish") as detail:
                 version = steps.publish(
                     self.registry,
                     staging,
                     card,
-                    eval_report=candidate_report,
+                    eval_report=judged.candidate,
                     cycle_id=cycle.id,
                     make_current=not self.settings.rollout_shadow,
                 )
@@ -341,7 +357,7 @@ class CycleRunner:
                 if self.settings.rollout_shadow:  # first a shadow beside the served model (trainer/rollout_step.py)
                     detail["rollout"] = start_shadow(self.registry, version, f"cycle {cycle.id} passed the gate")
         self.cycles.update(
-            cycle.id, status=PROMOTED, model_version=version, reason=decision.reason, metrics=metrics, steps=self._steps
+            cycle.id, status=PROMOTED, model_version=version, reason=reason, metrics=metrics, steps=self._steps
         )
         return self.cycles.get(cycle.id)  # type: ignore[return-value]
 
@@ -349,7 +365,11 @@ class CycleRunner:
         if self.variation_generator is None:
             return {"skipped": "no LLM configured"}
         done = self.cycles.items_with_variations()
-        todo = [final for final in self.reviews.final_labels() if final.item_id not in done]
+        todo = [  # a gold item's rewrites would leak it into training: none are made
+            final
+            for final in self.reviews.final_labels()
+            if final.item_id not in done and not is_gold(final.item_id, self.settings.gold_share)
+        ]
         if not todo:
             return {"items": 0}
         make = generator_variation_maker(self.variation_generator)
@@ -399,6 +419,8 @@ def train_bootstrap_model(settings: Settings, registry: ModelRegistry, *, progre
         fingerprints=load_examples(base_files(settings)).fingerprints,
         cache_dir=settings.data_dir / "cache",
         progress=progress,
+        base_model=settings.base_model,
+        teacher=settings.teacher,
     )
     outcome = train_and_publish(job, registry)
     return outcome.version or ""

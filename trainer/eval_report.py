@@ -46,7 +46,7 @@ def critical_misses(y_true: Sequence[str], flagged: Sequence[bool]) -> dict[str,
     }
 
 
-def _f1_from_confusions(confusions: np.ndarray) -> np.ndarray:
+def f1_from_confusions(confusions: np.ndarray) -> np.ndarray:
     """Per-class F1 of each confusion matrix in a stack (..., K, K); 0 where a class is neither true nor predicted
     (scikit-learn's zero_division=0, as `classification_report`)."""
     tp = np.diagonal(confusions, axis1=-2, axis2=-1)
@@ -76,8 +76,8 @@ def bootstrap_f1(
     draws = codes[rng.integers(0, codes.size, size=(resamples, codes.size))]
     offsets = (np.arange(resamples, dtype=np.int64) * k * k)[:, None]
     confusions = np.bincount((draws + offsets).ravel(), minlength=resamples * k * k).reshape(resamples, k, k)
-    f1 = _f1_from_confusions(confusions)  # (resamples, K)
-    point = _f1_from_confusions(np.bincount(codes, minlength=k * k).reshape(k, k))
+    f1 = f1_from_confusions(confusions)  # (resamples, K)
+    point = f1_from_confusions(np.bincount(codes, minlength=k * k).reshape(k, k))
     tail = (1 - confidence) / 2 * 100
 
     def interval(values: np.ndarray, estimate: float) -> dict[str, float]:

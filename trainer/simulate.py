@@ -22,7 +22,7 @@ import tempfile
 import time
 from collections import Counter
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +30,7 @@ import numpy as np
 from guardloop.trainer import steps
 from guardloop.trainer.embeddings import SentenceEmbedder
 from guardloop.trainer.finetune import FineTuneConfig
+from guardloop.trainer.gate import GateRules, rules_from
 from guardloop.trainer.labelers import OracleLabeler
 from guardloop.trainer.simulation_results import (
     IterationResult,
@@ -37,6 +38,7 @@ from guardloop.trainer.simulation_results import (
     append_result_line,
     class_count_std,
 )
+from guardloop.trainer.training_set import split_gold
 from guardloop.trainer.variations import VariationGenerator, consistency_filter
 
 from guardloop.core.datafiles import Example, stratified_split
@@ -63,16 +65,17 @@ class Simulation:
     config: FineTuneConfig
     n_clusters: int | None = None
     progress: bool = False
-    max_f1_drop: float = 0.01  # the gate, as settings.gate_max_macro_f1_drop
-    max_recall_drop: float = 0.05  # as settings.gate_max_recall_drop
+    gate_rules: GateRules = field(default_factory=lambda: GateRules(max_f1_drop=0.01, max_recall_drop=0.05))
+    gold_share: float = 0.1  # as settings.gold_share: this share of the picks (by pool index) is never trained on
+    gold_min_per_class: int = 10  # as settings.gold_min_per_class
 
-    def _train_and_evaluate(self, examples: Sequence[Example], work_dir: Path) -> tuple[Any, dict[str, Any]]:
+    def _train_and_evaluate(self, examples: Sequence[Example], work_dir: Path) -> tuple[Any, dict[str, Any], list[str]]:
         work_dir.mkdir(parents=True)
         staging, _ = steps.train(
             examples, self.dev, self.config, work_dir, fingerprints={}, cache_dir=self.cache_dir, progress=self.progress
         )
         candidate = steps.open_candidate(staging, max_seq_len=self.config.max_seq_len)
-        return candidate, steps.evaluate(candidate, self.eval_data)
+        return candidate, *steps.predict(candidate, self.eval_data)
 
     def run(self, on_iteration: Callable[[SimulationResult, IterationResult], None] | None = None) -> SimulationResult:
         with tempfile.TemporaryDirectory(prefix="guardloop-simulate-") as tmp:
@@ -90,9 +93,12 @@ class Simulation:
         available = np.ones(len(self.pool), dtype=bool)
 
         base = list(self.seed_data)
-        acquired: list[tuple[str, str]] = []
+        acquired: list[tuple[str, str]] = []  # every label the oracle gave; `trained`: those outside the gold reserve
+        trained: list[tuple[str, str]] = []
+        gold: list[Example] = []
         variations: list[tuple[str, str]] = []
-        served, served_report = self._train_and_evaluate(base, tmp / "it0")
+        eval_truth = [ex.label or "" for ex in self.eval_data]
+        served, served_report, served_pred = self._train_and_evaluate(base, tmp / "it0")
         baseline = served_report["macro_f1"]
         log.info("%s seed %d: baseline macro-F1 %.4f", self.strategy, seed, baseline)
         result = SimulationResult(self.strategy, seed, baseline)
@@ -108,27 +114,34 @@ class Simulation:
                 probs,
                 self.per_iteration,
                 labeled_embeddings=pool_embeddings[picked_pool] if len(picked_pool) else None,
-                labeled_labels=[ex.label or "" for ex in base] + [label for _, label in acquired],
+                labeled_labels=[ex.label or "" for ex in base] + [label for _, label in trained],
                 random_state=seed * 1000 + iteration,
                 n_clusters=self.n_clusters,
             )
             chosen = [int(candidates[s.index]) for s in selections]
             available[chosen] = False
             answers = steps.label(oracle, [pool_hashes[i] for i in chosen])
-            new_items = [(pool_texts[i], label) for i, label in zip(chosen, answers, strict=True) if label]
-            acquired += new_items
+            labeled = [(i, label) for i, label in zip(chosen, answers, strict=True) if label]
+            acquired += [(pool_texts[i], label) for i, label in labeled]
+            # The gold reserve, by pool index as the cycle's is by item id: never trained on, no variations made.
+            trainable, reserved = split_gold(labeled, lambda pair: pair[0], self.gold_share)
+            gold += [Example(pool_texts[i], label) for i, label in reserved]
+            new_items = [(pool_texts[i], label) for i, label in trainable]
+            trained += new_items
             generated = steps.generate(self.make_variations, new_items, served.predict_proba)
             for (_, label), rewrites in zip(new_items, generated.accepted, strict=True):
                 variations += [(text, label) for text in rewrites]
             accepted = sum(len(rewrites) for rewrites in generated.accepted)
-            train = steps.build(base, acquired, variations)
-            candidate, report = self._train_and_evaluate(train, tmp / f"it{iteration}")
-            decision = steps.gate(
-                report, served_report, max_f1_drop=self.max_f1_drop, max_recall_drop=self.max_recall_drop
-            )
+            train = steps.build(base, trained, variations)
+            candidate, report, predicted = self._train_and_evaluate(train, tmp / f"it{iteration}")
+            fixed = steps.Judged("eval set", eval_truth, report, predicted, served_report, served_pred)
+            gold_judged = steps.judge("gold reserve", candidate, served, gold) if gold else None
+            judged, note = steps.gate_set(fixed, gold_judged, self.gold_min_per_class)
+            decision = steps.gate(judged, self.gate_rules)
+            log.info("%s seed %d iteration %d: %s; %s", self.strategy, seed, iteration, decision.reason, note)
             if decision.promote:  # the candidate scores the next iteration's pool, as a promoted model would
                 shutil.rmtree(served.model_dir.parent, ignore_errors=True)
-                served, served_report = candidate, report
+                served, served_report, served_pred = candidate, report, predicted
             else:
                 shutil.rmtree(candidate.model_dir.parent, ignore_errors=True)
             counts = Counter(label for _, label in acquired)
@@ -246,8 +259,9 @@ def run_simulations(
                     cache_dir=cache_dir,
                     config=FineTuneConfig(seed=seed, epochs=plan.epochs, patience=2, group_by_length=True),
                     n_clusters=plan.clusters,
-                    max_f1_drop=settings.gate_max_macro_f1_drop,
-                    max_recall_drop=settings.gate_max_recall_drop,
+                    gate_rules=rules_from(settings),
+                    gold_share=settings.gold_share,
+                    gold_min_per_class=settings.gold_min_per_class,
                 )
 
                 def finished(run: SimulationResult, it: IterationResult, _name: str = name, _seed: int = seed) -> None:

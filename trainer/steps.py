@@ -28,6 +28,7 @@ from guardloop.trainer.finetune import FineTuneConfig
 from guardloop.trainer.labelers import OracleLabeler
 from guardloop.trainer.strategies import Selection, make_strategy
 from guardloop.trainer.train import TrainJob, train_model
+from guardloop.trainer.training_set import gold_ready
 
 from guardloop.core.datafiles import Example
 from guardloop.core.labels import LABELS
@@ -137,10 +138,20 @@ def train(
     fingerprints: dict[str, str],
     cache_dir: Path,
     progress: bool = False,
+    base_model: Path | None = None,
+    teacher: str | Path | None = None,
 ) -> tuple[Path, ModelCard]:
-    """Fine-tune, export int8 ONNX and check it against torch, into `work_dir`: (staging dir, unpublished card)."""
+    """Fine-tune, export int8 ONNX and check it against torch, into `work_dir`: (staging dir, unpublished card).
+    `base_model`, `teacher`: settings.base_model and settings.teacher (None: MiniLM, no distillation)."""
     job = TrainJob(
-        train=examples, dev=dev, config=config, fingerprints=fingerprints, cache_dir=cache_dir, progress=progress
+        train=examples,
+        dev=dev,
+        config=config,
+        fingerprints=fingerprints,
+        cache_dir=cache_dir,
+        progress=progress,
+        base_model=base_model,
+        teacher=teacher,
     )
     return train_model(job, work_dir)
 
@@ -150,16 +161,48 @@ def open_candidate(staging: Path, *, max_seq_len: int) -> OnnxClassifier:
     return OnnxClassifier(staging, version="candidate", threads=2, max_seq_len=max_seq_len)
 
 
-def evaluate(classifier: OnnxClassifier, examples: Sequence[Example]) -> dict[str, Any]:
-    """The served (int8 ONNX) model's report on the eval set, one text per forward pass as served."""
-    return evaluation.evaluate(classifier, examples)
+def predict(classifier: OnnxClassifier, examples: Sequence[Example]) -> tuple[dict[str, Any], list[str]]:
+    """(report, predicted label per example) of the served model, one text per forward pass as served."""
+    probs = evaluation.served_probs(classifier, examples)
+    return evaluation.report_from_probs(examples, probs), [LABELS[i] for i in probs.argmax(axis=1)]
 
 
-def gate(
-    candidate: dict[str, Any], current: dict[str, Any] | None, *, max_f1_drop: float, max_recall_drop: float
-) -> gate_module.GateDecision:
-    """Whether the candidate may replace the current model (see gate.py)."""
-    return gate_module.gate(candidate, current, max_f1_drop=max_f1_drop, max_recall_drop=max_recall_drop)
+@dataclass(frozen=True)
+class Judged:
+    """One labeled set scored by the candidate and the current model (None: there is none): their reports, and
+    each one's prediction per item, which the gate compares item by item."""
+
+    name: str
+    y_true: list[str]
+    candidate: dict[str, Any]
+    candidate_pred: list[str]
+    current: dict[str, Any] | None = None
+    current_pred: list[str] | None = None
+
+    def record(self) -> dict[str, Any]:
+        """What a cycle record keeps of it."""
+        return {"n": len(self.y_true), "candidate": self.candidate, "current": self.current}
+
+
+def judge(name: str, candidate: OnnxClassifier, current: OnnxClassifier | None, examples: Sequence[Example]) -> Judged:
+    """Both models on `examples`."""
+    report, predicted = predict(candidate, examples)
+    current_report, current_pred = predict(current, examples) if current is not None else (None, None)
+    return Judged(name, [ex.label or "" for ex in examples], report, predicted, current_report, current_pred)
+
+
+def gate_set(seed_eval: Judged, gold: Judged | None, min_per_class: int) -> tuple[Judged, str]:
+    """The set the gate judges on: the gold reserve once it holds `min_per_class` items of every class, the seed
+    eval set before that; and a note saying which and why."""
+    if gold is not None and gold_ready(gold.y_true, min_per_class):
+        return gold, f"judged on the gold reserve ({len(gold.y_true)} items)"
+    held = len(gold.y_true) if gold is not None else 0
+    return seed_eval, f"gold reserve has {held} items, below {min_per_class} of every class: judged on {seed_eval.name}"
+
+
+def gate(judged: Judged, rules: gate_module.GateRules) -> gate_module.GateDecision:
+    """Whether the candidate may replace the current model (see gate.py): a paired comparison on `judged`."""
+    return gate_module.gate(judged.y_true, judged.candidate_pred, judged.current_pred, rules, set_name=judged.name)
 
 
 def publish(

@@ -42,7 +42,8 @@ class TrainJob:
     config: FineTuneConfig
     fingerprints: dict[str, str]
     unlabeled: Sequence[str] = ()
-    teacher: str | None = None  # "mpnet" or None
+    teacher: str | Path | None = None  # "mpnet" (packaged), a local encoder directory, or None: no distillation
+    base_model: Path | None = None  # the student's base directory; None: the packaged all-MiniLM-L6-v2
     teacher_epochs: int = 4
     cache_dir: Path = Path("var/cache")
     quantize: bool = True
@@ -56,11 +57,11 @@ class TrainOutcome:
     staging_dir: Path | None = None
 
 
-def soft_labels_from_teacher(job: TrainJob) -> tuple[list[TrainingExample], dict[str, Any]]:
+def soft_labels_from_teacher(job: TrainJob, teacher_dir: Path) -> tuple[list[TrainingExample], dict[str, Any]]:
     """Fine-tune the teacher on the same labels, then let it soft-label the training and unlabeled texts."""
     teacher_config = FineTuneConfig(**{**job.config.__dict__, "epochs": job.teacher_epochs, "learning_rate": 3e-5})
     teacher = fine_tune(
-        base_models.mpnet_dir(job.cache_dir),
+        teacher_dir,
         [TrainingExample(ex.text, ex.label) for ex in job.train],
         [(ex.text, ex.label) for ex in job.dev] if job.dev else None,
         teacher_config,
@@ -71,7 +72,7 @@ def soft_labels_from_teacher(job: TrainJob) -> tuple[list[TrainingExample], dict
     examples = [TrainingExample(ex.text, ex.label, probs[i]) for i, ex in enumerate(job.train)]
     examples += [TrainingExample(text, None, probs[len(job.train) + i]) for i, text in enumerate(job.unlabeled)]
     info = {
-        "teacher": "all-mpnet-base-v2",
+        "teacher": "all-mpnet-base-v2" if str(job.teacher) == "mpnet" else str(teacher_dir),
         "teacher_dev": teacher.dev_report,
         "teacher_seconds": round(teacher.seconds, 1),
         "unlabeled": len(job.unlabeled),
@@ -81,13 +82,16 @@ def soft_labels_from_teacher(job: TrainJob) -> tuple[list[TrainingExample], dict
 
 def train_model(job: TrainJob, work_dir: Path) -> tuple[Path, ModelCard]:
     """Fine-tune, export and verify into `work_dir/staging`; returns the staging dir and its card (unpublished)."""
+    # Both bases are resolved (and an operator's directories checked) before anything trains: a bad student
+    # directory must not surface only after the teacher's hours of training.
+    student_dir = base_models.student_dir(job.base_model)
     distill_info: dict[str, Any] = {}
     if job.teacher:
-        examples, distill_info = soft_labels_from_teacher(job)
+        examples, distill_info = soft_labels_from_teacher(job, base_models.teacher_dir(job.teacher, job.cache_dir))
     else:
         examples = [TrainingExample(ex.text, ex.label) for ex in job.train]
     dev_pairs = [(ex.text, ex.label) for ex in job.dev] if job.dev else None
-    result = fine_tune(base_models.minilm_dir(), examples, dev_pairs, job.config, progress=job.progress)
+    result = fine_tune(student_dir, examples, dev_pairs, job.config, progress=job.progress)
 
     staging = work_dir / "staging"
     # With static int8 (see export.py) the activation scales are calibrated on a sample of the training texts.
@@ -131,6 +135,7 @@ def train_model(job: TrainJob, work_dir: Path) -> tuple[Path, ModelCard]:
             "drift_reference_rows": reference_rows,
         },
         quantization=quantization["mode"],
+        base_model="all-MiniLM-L6-v2" if job.base_model is None else str(student_dir),
     )
     return staging, card
 

@@ -15,6 +15,7 @@ from guardloop.core.labels import LABELS
 from guardloop.core.settings import Settings
 from guardloop.models.onnx_model import OnnxClassifier
 from guardloop.models.registry import ModelCard, ModelRegistry, open_classifier
+from guardloop.trainer.base_models import student_dir, teacher_dir
 
 
 def _train(
@@ -46,6 +47,7 @@ def _train(
 
     teacher = config_overrides.pop("teacher", None)
     teacher_epochs = config_overrides.pop("teacher_epochs", 4)
+    base_model = config_overrides.pop("base_model", None)
     config = FineTuneConfig(seed=settings.seed, **{k: v for k, v in config_overrides.items() if v is not None})
     fingerprints = dict(train_data.fingerprints) | (dev_data.fingerprints if dev_data else {})
     job = TrainJob(
@@ -56,6 +58,7 @@ def _train(
         unlabeled=unlabeled_texts,
         teacher=teacher,
         teacher_epochs=teacher_epochs,
+        base_model=base_model,
         cache_dir=settings.data_dir / "cache",
         progress=progress,
     )
@@ -88,16 +91,30 @@ def train(
     class_weight_power: Annotated[
         float | None, typer.Option(min=0, max=1, help="0 = unweighted loss, 1 = fully class-balanced")
     ] = None,
-    teacher: Annotated[str | None, typer.Option(help="distill from a teacher: 'mpnet'")] = None,
+    base_model: Annotated[
+        Path | None,
+        typer.Option(help="student: a local Hugging Face encoder directory (default: settings, else all-MiniLM-L6-v2)"),
+    ] = None,
+    teacher: Annotated[
+        str | None,
+        typer.Option(
+            help="distill from a teacher: 'mpnet' (all-mpnet-base-v2) or a local Hugging Face encoder directory"
+        ),
+    ] = None,
     teacher_epochs: Annotated[int, typer.Option(min=1)] = 4,
     unlabeled: Annotated[list[Path] | None, typer.Option(help="unlabeled texts for the teacher to soft-label")] = None,
 ) -> None:
-    """Fine-tune all-MiniLM-L6-v2, export int8 ONNX, verify it against torch, publish it as current."""
-    if teacher not in (None, "mpnet"):
-        raise UserError(f"unknown teacher {teacher!r}; the teacher that installs here is 'mpnet'")
+    """Fine-tune the student (all-MiniLM-L6-v2 or --base-model), export int8 ONNX, verify it against torch, publish
+    it as current."""
+    settings = load_settings()
+    base_model = base_model or settings.base_model
+    teacher = teacher or settings.teacher
     if unlabeled and not teacher:
         raise UserError("--unlabeled needs --teacher: only a teacher can learn from unlabeled texts")
-    settings = load_settings()
+    # An operator's directories are checked before the data is read and anything trains.
+    student_dir(base_model, option="--base-model")
+    if teacher is not None:
+        teacher_dir(teacher, settings.data_dir / "cache", option="--teacher")
     if seed is not None:
         settings = settings.model_copy(update={"seed": seed})
     version = _train(
@@ -114,6 +131,7 @@ def train(
         class_weight_power=class_weight_power,
         teacher=teacher,
         teacher_epochs=teacher_epochs,
+        base_model=base_model,
     )
     typer.echo(version)
 

@@ -246,7 +246,16 @@ class Settings(BaseSettings):
     eval_data: Path | None = Field(None, description="fixed gate evaluation set, never trained on (default: seed eval)")
     gate_max_macro_f1_drop: float = Field(0.01, ge=0, le=1, description="largest macro-F1 drop still promoted")
     gate_max_recall_drop: float = Field(0.05, ge=0, le=1, description="largest per-class recall drop still promoted")
-
+    # A drop blocks a candidate only when the paired bootstrap interval of (current - candidate) lies above zero:
+    # on a few dozen eval items one text moves a recall by 5-10 points, and one text must not decide.
+    gate_confidence: float = Field(0.95, ge=0.5, lt=1, description="the gate's two-sided paired-bootstrap interval")
+    gate_resamples: int = Field(1000, ge=100, le=100_000, description="paired-bootstrap resamples per gate decision")
+    gold_share: float = Field(
+        0.1, ge=0, lt=1, description="share of reviewed items (by id hash) kept as the gold gate set, never trained on"
+    )
+    gold_min_per_class: int = Field(
+        10, ge=1, description="gold items each class needs before the gate judges on gold instead of eval_data"
+    )
     # Roll-out of a candidate that passed the gate (README, "Rolling out a new model"): shadow, canary steps, current.
     rollout_shadow: bool = Field(
         False, description="a cycle publishes a candidate that passed the gate as a shadow, not as current"
@@ -279,6 +288,21 @@ class Settings(BaseSettings):
         if not value or any(not 0 < share <= 1 for share in value) or value != sorted(set(value)):
             raise ValueError(f"{value} must be rising shares in (0, 1], e.g. [0.05, 0.25, 1.0]")
         return value
+
+    base_model: Path | None = Field(
+        None, description="student base: a local Hugging Face encoder directory (default: all-MiniLM-L6-v2)"
+    )
+    teacher: str | None = Field(None, description="distill from 'mpnet' or a local encoder directory (default: none)")
+
+    @field_validator("base_model", "teacher", mode="before")
+    @classmethod
+    def _check_model_dir(cls, value: Path | str | None) -> Path | str | None:
+        # Only that the directory is there: trainer/base_models.py checks what is in it before training.
+        if value is None or not str(value).strip():
+            return None
+        if value == "mpnet" or Path(value).expanduser().is_dir():
+            return value
+        raise ValueError(f"{value}: no such directory; give a local Hugging Face model directory")
 
     @classmethod
     def settings_customise_sources(

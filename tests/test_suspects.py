@@ -4,6 +4,7 @@ item back in the queue for one other reviewer only, and lets that reviewer's ans
 
 from __future__ import annotations
 
+import hashlib
 from datetime import UTC, datetime
 
 import numpy as np
@@ -123,5 +124,71 @@ def test_a_suspected_label_is_withheld_requeued_for_another_reviewer_and_settled
         reviews.undo_last("bob")  # the second look retracted: withheld and queued again
         assert first not in {f.item_id for f in reviews.final_labels()}
         assert [item.id for item in reviews.queue("carol")] == [first]
+    finally:
+        database.dispose()
+
+
+# ------------------------------------------------------------------ the cycle's step, against the database
+class ClassEmbedder:
+    """Synthetic sentence embeddings (a fake: the real MiniLM embedder needs a ~15 s ONNX export into the cache):
+    a text "<label> ..." lies near its class's centre, so the check sees a clean, learnable set."""
+
+    def __init__(self) -> None:
+        rng = np.random.default_rng(7)
+        self.centres = {label: rng.normal(size=16) * 3 for label in LABELS}
+
+    def embed(self, texts: list[str]) -> np.ndarray:
+        rows = []
+        for text in texts:
+            seed = int(hashlib.sha256(text.encode()).hexdigest()[:8], 16)
+            noise = np.random.default_rng(seed).normal(size=16) * 0.5
+            rows.append(self.centres[text.split()[0]] + noise)
+        return np.stack(rows) if rows else np.zeros((0, 16))
+
+
+def test_the_cycle_check_requeues_a_flipped_label_and_trains_it_once_settled(
+    database_url: str, tmp_path, monkeypatch
+) -> None:
+    from guardloop.models.registry import ModelRegistry
+    from guardloop.trainer import cycle as cycle_module
+
+    from guardloop.core.settings import Settings
+
+    monkeypatch.setattr(cycle_module, "SentenceEmbedder", lambda cache_dir: ClassEmbedder())
+    base = tmp_path / "base.tsv"
+    base.write_text("text\tlabel\n" + "".join(f"{y} base {n}\t{y}\n" for y in LABELS for n in range(12)))
+    settings = Settings(data_dir=tmp_path / "data", registry_dir=tmp_path / "registry", train_data=[base])
+    database = Database(database_url)
+    database.ensure_schema()
+    try:
+        pool = PoolRepository(database)
+        now = datetime.now(UTC)
+        texts = [f"{y} reviewed {n}" for y in LABELS for n in range(3)]
+        pool.write_batch(
+            [
+                PoolRecord(t, "self-harm", dict.fromkeys(LABELS, 1 / 6), 0.9, 0.0, "v1", UNCERTAIN, "bot", now)
+                for t in texts
+            ]
+        )
+        ids = {item.text: item.id for item in pool.iter_items()}
+        pool.mark_requested([LabelRequest(i, {"cycle_id": "c1"}, 0.5) for i in ids.values()], at=now)
+        reviews = ReviewRepository(database)
+        flipped = ids["emergency-situation reviewed 1"]
+        for text, item_id in ids.items():
+            reviews.add_label(item_id, "ann", "legal-advice" if item_id == flipped else text.split()[0])
+
+        runner = cycle_module.CycleRunner(settings, database, ModelRegistry(settings.registry_dir))
+        cycle = runner.cycles.create("c1", strategy="rare-cluster", budget=18, parent_version=None)
+        detail = runner._check_labels(cycle, now)  # the "check labels" step, without the training around it
+
+        assert detail == {"checked": 18, "suspected": 1, "withheld": 1}
+        assert SuspectRepository(database).suspicion(flipped)["suggested"] == "emergency-situation"
+        assert flipped not in {f.item_id for f in reviews.final_labels()}  # withheld from this training
+        assert [item.id for item in reviews.queue("bob")] == [flipped]  # back in the queue, for someone else
+        reviews.add_label(flipped, "bob", "emergency-situation")
+        settled = {f.item_id: f.label for f in reviews.final_labels()}
+        assert settled[flipped] == "emergency-situation" and len(settled) == 18  # trains next time
+        # the next check leaves the label two people looked at alone
+        assert runner._check_labels(cycle, now) == {"checked": 17, "suspected": 0, "withheld": 0}
     finally:
         database.dispose()

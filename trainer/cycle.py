@@ -29,7 +29,7 @@ from guardloop.trainer import steps
 from guardloop.trainer.embeddings import SentenceEmbedder
 from guardloop.trainer.finetune import FineTuneConfig
 from guardloop.trainer.gate import GateDecision, gate, rules_from
-from guardloop.trainer.labelers import ORACLE_REVIEWER, OracleLabeler
+from guardloop.trainer.labelers import ORACLE_REVIEWER, ORACLE_SECOND_LOOK, OracleLabeler
 from guardloop.trainer.rollout_step import advance_rollout, start_shadow
 from guardloop.trainer.train import TrainJob, train_and_publish
 from guardloop.trainer.training_set import base_files, base_training_sets, eval_set, is_gold, split_gold
@@ -40,7 +40,7 @@ from guardloop.core import telemetry
 from guardloop.core.datafiles import Example, load_examples
 from guardloop.core.labels import LABELS
 from guardloop.core.settings import Settings
-from guardloop.storage import Database, LabelRequest, PoolRepository, ReviewRepository, StorageError
+from guardloop.storage import Database, LabelRequest, PoolRepository, ReviewError, ReviewRepository, StorageError
 from guardloop.storage.cycles import (
     AWAITING_LABELS,
     FAILED,
@@ -53,6 +53,7 @@ from guardloop.storage.cycles import (
     CycleView,
 )
 from guardloop.storage.locks import CycleBusy, single_flight
+from guardloop.storage.suspects import SuspectRepository, Suspicion
 
 log = logging.getLogger(__name__)
 
@@ -257,6 +258,7 @@ class CycleRunner:
                         self.reviews.add_label(item.id, ORACLE_REVIEWER, label)
                         answered += 1
                 detail["oracle_answers"] = answered
+                detail["oracle_second_looks"] = self._oracle_second_looks()
             finals = self.reviews.final_labels(cycle_id=cycle.id)
             detail["labeled"] = len(finals)
             detail["requested"] = len(requested)
@@ -275,6 +277,9 @@ class CycleRunner:
             return self.cycles.get(cycle.id)  # type: ignore[return-value]
 
         self.cycles.update(cycle.id, status=TRAINING, counts=counts, steps=self._steps)
+        with self._step(cycle, "check labels") as detail:
+            detail.update(self._check_labels(cycle, now))
+        counts.update({f"label_check_{k}": v for k, v in detail.items() if isinstance(v, int)})
         current = self._current_classifier()
         with self._step(cycle, "generate variations") as detail:
             detail.update(self._generate_variations(cycle, current))
@@ -360,6 +365,44 @@ class CycleRunner:
             cycle.id, status=PROMOTED, model_version=version, reason=reason, metrics=metrics, steps=self._steps
         )
         return self.cycles.get(cycle.id)  # type: ignore[return-value]
+
+    def _check_labels(self, cycle: CycleView, now: datetime) -> dict[str, Any]:
+        """Suspected mislabels (label_check.py): withheld from this training (final_labels leaves them out from
+        now on) and back in the queue for a second reviewer, whose answer settles them for the next cycle."""
+        suspects = SuspectRepository(self.database)
+        if not self.settings.label_check:
+            return {"skipped": "label_check is off"}
+        finals = self.reviews.final_labels()
+        result = steps.check_labels(
+            SentenceEmbedder(self.settings.data_dir / "cache"),
+            base_training_sets(self.settings)[0],
+            [(f.text, f.label) for f in finals],
+            [not f.checked for f in finals],
+            random_state=self.settings.seed,
+            folds=self.settings.label_check_folds,
+            max_share=self.settings.label_check_max_share,
+        )
+        doubted = [Suspicion(finals[s.index].item_id, s.given, s.suggested, s.quality) for s in result.suspects]
+        suspected = suspects.mark(doubted, cycle_id=cycle.id, at=now)
+        waiting = suspects.waiting()
+        telemetry.record_label_check(suspected, waiting)
+        detail: dict[str, Any] = {"checked": result.checked, "suspected": suspected, "withheld": waiting}
+        if result.skipped:
+            detail["skipped"] = result.skipped
+        return detail
+
+    def _oracle_second_looks(self) -> int:
+        """The oracle's second look at labels an earlier check doubted (see labelers.ORACLE_SECOND_LOOK)."""
+        assert self.oracle is not None
+        waiting = SuspectRepository(self.database).waiting_items()
+        answers = steps.label(self.oracle, [text_hash for _, text_hash in waiting])
+        given = 0
+        for (item_id, _), label in zip(waiting, answers, strict=True):
+            if label is not None:
+                with contextlib.suppress(ReviewError):  # answered already (a resumed cycle)
+                    self.reviews.add_label(item_id, ORACLE_SECOND_LOOK, label)
+                    given += 1
+        return given
 
     def _generate_variations(self, cycle: CycleView, current: OnnxClassifier | None) -> dict[str, Any]:
         if self.variation_generator is None:

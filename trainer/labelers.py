@@ -14,6 +14,9 @@ from guardloop.storage import StoredItem
 from guardloop.storage.texts import text_hash
 
 ORACLE_REVIEWER = "oracle"
+# With an oracle for reviewers, a label the label check doubted gets its second look from the oracle too, under
+# this name (a reviewer never answers an item twice), as in simulate; people give it from the queue otherwise.
+ORACLE_SECOND_LOOK = "oracle-second-look"
 
 
 class OracleLabeler:

@@ -68,6 +68,9 @@ class Simulation:
     gate_rules: GateRules = field(default_factory=lambda: GateRules(max_f1_drop=0.01, max_recall_drop=0.05))
     gold_share: float = 0.1  # as settings.gold_share: this share of the picks (by pool index) is never trained on
     gold_min_per_class: int = 10  # as settings.gold_min_per_class
+    label_check: bool = True  # as settings.label_check (and _folds, _max_share below)
+    label_check_folds: int = 5
+    label_check_max_share: float = 0.2
 
     def _train_and_evaluate(self, examples: Sequence[Example], work_dir: Path) -> tuple[Any, dict[str, Any], list[str]]:
         work_dir.mkdir(parents=True)
@@ -76,6 +79,37 @@ class Simulation:
         )
         candidate = steps.open_candidate(staging, max_seq_len=self.config.max_seq_len)
         return candidate, *steps.predict(candidate, self.eval_data)
+
+    def _check_labels(
+        self,
+        embedder: SentenceEmbedder,
+        earlier: Sequence[tuple[str, str]],
+        labeled: list[tuple[int, str]],
+        doubted: list[int],
+        oracle: OracleLabeler,
+        iteration: int,
+    ) -> tuple[list[tuple[int, str]], list[int], int]:
+        """The cycle's label check (steps.check_labels) on this iteration's new (pool index, label) pairs, the
+        earlier labels as context: doubted ones are withheld and get their second look from the oracle next
+        iteration, which settles them (the cycle asks a second reviewer). Returns (labels to use now, doubted
+        now, how many)."""
+        texts = [ex.text for ex in self.pool]
+        second_looks = steps.label(oracle, [text_hash(texts[i]) for i in doubted])
+        settled = [(i, label) for i, label in zip(doubted, second_looks, strict=True) if label]
+        if not self.label_check or not labeled:
+            return settled + labeled, [], 0
+        result = steps.check_labels(
+            embedder,
+            [*self.seed_data, *(Example(text, label) for text, label in earlier)],
+            [(texts[i], label) for i, label in labeled],
+            [True] * len(labeled),
+            random_state=self.config.seed * 1000 + iteration,
+            folds=self.label_check_folds,
+            max_share=self.label_check_max_share,
+        )
+        withheld = {s.index for s in result.suspects}
+        kept = [pair for k, pair in enumerate(labeled) if k not in withheld]
+        return settled + kept, [labeled[k][0] for k in sorted(withheld)], len(withheld)
 
     def run(self, on_iteration: Callable[[SimulationResult, IterationResult], None] | None = None) -> SimulationResult:
         with tempfile.TemporaryDirectory(prefix="guardloop-simulate-") as tmp:
@@ -97,6 +131,7 @@ class Simulation:
         trained: list[tuple[str, str]] = []
         gold: list[Example] = []
         variations: list[tuple[str, str]] = []
+        doubted: list[int] = []  # pool indices whose label the last check doubted: their second look is due
         eval_truth = [ex.label or "" for ex in self.eval_data]
         served, served_report, served_pred = self._train_and_evaluate(base, tmp / "it0")
         baseline = served_report["macro_f1"]
@@ -123,6 +158,9 @@ class Simulation:
             answers = steps.label(oracle, [pool_hashes[i] for i in chosen])
             labeled = [(i, label) for i, label in zip(chosen, answers, strict=True) if label]
             acquired += [(pool_texts[i], label) for i, label in labeled]
+            labeled, doubted, suspected = self._check_labels(
+                embedder, [*trained, *((ex.text, ex.label or "") for ex in gold)], labeled, doubted, oracle, iteration
+            )
             # The gold reserve, by pool index as the cycle's is by item id: never trained on, no variations made.
             trainable, reserved = split_gold(labeled, lambda pair: pair[0], self.gold_share)
             gold += [Example(pool_texts[i], label) for i, label in reserved]
@@ -158,6 +196,7 @@ class Simulation:
                 eval_per_class_f1=report["per_class_f1"],
                 seconds=round(time.perf_counter() - started, 1),
                 promoted=decision.promote,
+                labels_suspected=suspected,
             )
             result.iterations.append(entry)
             if on_iteration:
@@ -262,6 +301,9 @@ def run_simulations(
                     gate_rules=rules_from(settings),
                     gold_share=settings.gold_share,
                     gold_min_per_class=settings.gold_min_per_class,
+                    label_check=settings.label_check,
+                    label_check_folds=settings.label_check_folds,
+                    label_check_max_share=settings.label_check_max_share,
                 )
 
                 def finished(run: SimulationResult, it: IterationResult, _name: str = name, _seed: int = seed) -> None:

@@ -35,6 +35,7 @@ class IterationResult:
     eval_per_class_f1: dict[str, float]
     seconds: float
     promoted: bool = True  # whether the gate let this iteration's model replace the one that scored its pool
+    labels_suspected: int = 0  # new labels the label check withheld for a second look (the oracle's, next iteration)
 
 
 @dataclass

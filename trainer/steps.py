@@ -21,7 +21,7 @@ from typing import Any, Protocol, TypeVar
 import numpy as np
 from guardloop.models.onnx_model import OnnxClassifier
 from guardloop.models.registry import ModelCard, ModelRegistry
-from guardloop.trainer import evaluation
+from guardloop.trainer import evaluation, label_check
 from guardloop.trainer import gate as gate_module
 from guardloop.trainer.embeddings import SentenceEmbedder
 from guardloop.trainer.finetune import FineTuneConfig
@@ -120,6 +120,31 @@ def generate(make: VariationMaker | None, items: Sequence[tuple[str, str]], pred
     if make is None or not items:
         return Generated([[] for _ in items])
     return make(items, predict_proba)
+
+
+def check_labels(
+    embedder: SentenceEmbedder,
+    base: Sequence[Example],
+    reviewed: Sequence[tuple[str, str]],
+    eligible: Sequence[bool],
+    *,
+    random_state: int,
+    folds: int,
+    max_share: float,
+) -> label_check.CheckResult:
+    """Before training: the reviewed (text, label) pairs whose label looks wrong (label_check.py), judged by
+    out-of-fold predictions over the base set and the reviewed labels. The caller withholds them from this training
+    and has a second reviewer look; only pairs with `eligible` True (one person's label) can be named."""
+    return label_check.find_suspects(
+        embed(embedder, [ex.text for ex in base]),
+        [ex.label or "" for ex in base],
+        embed(embedder, [text for text, _ in reviewed]),
+        [label for _, label in reviewed],
+        eligible,
+        random_state=random_state,
+        folds=folds,
+        max_share=max_share,
+    )
 
 
 def build(

@@ -193,3 +193,30 @@ def bench_neighbours(
     )
     if not met:
         raise typer.Exit(1)
+
+
+@bench_app.command("label-check")
+@friendly_errors
+def bench_label_check(
+    queue_file: Annotated[Path, typer.Option("--queue", help="labeled file the simulated review queue is drawn from")],
+    queue_size: Annotated[int, typer.Option(min=10, help="labels in the simulated queue")] = 500,
+    flips: Annotated[int, typer.Option(min=1, help="of them deliberately given a wrong label")] = 50,
+    seeds: Annotated[int, typer.Option(min=1, help="repeat with seeds 0..N-1 (other draws and flips)")] = 3,
+    base: Annotated[list[Path] | None, typer.Option(help="base training files (default: settings' base set)")] = None,
+) -> None:
+    """How many deliberately flipped labels the suspected-mislabel check (run before each training) catches, and
+    how many untouched labels it flags by mistake."""
+    from guardloop.bench.label_check import run_label_check_bench
+    from guardloop.trainer.training_set import base_files
+
+    settings = load_settings()
+    run_label_check_bench(
+        base_files=base or base_files(settings),
+        queue_file=queue_file,
+        queue_size=queue_size,
+        flips=flips,
+        seeds=range(seeds),
+        folds=settings.label_check_folds,
+        max_share=settings.label_check_max_share,
+        cache_dir=settings.data_dir / "cache",
+    )

@@ -242,6 +242,13 @@ class Settings(BaseSettings):
 
     cycle_epochs: int = Field(10, ge=1, le=100)
     cycle_oracle_file: Path | None = Field(None, description="labeled file that answers label requests (simulation)")
+    # Before each training, out-of-fold predictions over the reviewed labels flag likely mislabels (cleanlab); a
+    # flagged label is withheld and its item goes back to the queue for a second reviewer (trainer/label_check.py).
+    label_check: bool = Field(True, description="flag suspected mislabels before each training")
+    label_check_folds: int = Field(5, ge=2, le=20, description="cross-validation folds of the label check")
+    label_check_max_share: float = Field(
+        0.2, ge=0, le=1, description="most of the single-reviewer labels one check may send back"
+    )
     train_data: list[Path] = Field(default_factory=list, description="labeled files always trained on (default: seed)")
     eval_data: Path | None = Field(None, description="fixed gate evaluation set, never trained on (default: seed eval)")
     gate_max_macro_f1_drop: float = Field(0.01, ge=0, le=1, description="largest macro-F1 drop still promoted")

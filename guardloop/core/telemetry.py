@@ -47,6 +47,7 @@ CYCLE_STEPS = (
     "select",
     "request labels",
     "collect labels",
+    "check labels",
     "generate variations",
     "build training set",
     "train and export",
@@ -154,6 +155,16 @@ LLM_REQUEST_SECONDS = Histogram(
 VARIATIONS = Counter(
     "guardloop_variations_total", "generated variations: accepted or filtered", ["outcome"], registry=None
 )
+LABEL_SUSPECTS = Counter(
+    "guardloop_label_suspects_total",
+    "settled labels the label check doubted: withheld from training, sent to a second reviewer",
+    registry=None,
+)
+LABEL_SUSPECTS_WAITING = Gauge(
+    "guardloop_label_suspects_waiting",
+    "doubted labels still waiting for their second reviewer (withheld from training until then)",
+    registry=None,
+)
 
 DRIFT_OUTCOMES = ("drifted", "stable", "skipped")
 DRIFT_SCORE = Gauge(
@@ -219,6 +230,8 @@ TRAINER_METRICS: tuple[Collector, ...] = (
     LLM_FAILURES,
     LLM_REQUEST_SECONDS,
     VARIATIONS,
+    LABEL_SUSPECTS,
+    LABEL_SUSPECTS_WAITING,
     DRIFT_SCORE,
     DRIFT_THRESHOLD,
     DRIFT_P_VALUE,
@@ -254,6 +267,12 @@ def expose_service_metrics() -> None:
 
 def expose_trainer_metrics() -> None:
     _expose(TRAINER_METRICS)
+
+
+def record_label_check(doubted: int, waiting: int) -> None:
+    """One cycle's label check: labels it sent back for a second look, and how many such labels still wait."""
+    LABEL_SUSPECTS.inc(doubted)
+    LABEL_SUSPECTS_WAITING.set(waiting)
 
 
 # --------------------------------------------------------------------------------------------- service events

@@ -11,6 +11,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
+from typing import Any
 
 from sqlalchemy import and_, exists, func, not_, select, update
 
@@ -60,8 +61,8 @@ class SuspectRepository:
                 marked += int(result.rowcount or 0)
         return marked
 
-    def waiting(self) -> int:
-        """Suspected items still waiting for their second reviewer (withheld from training until then)."""
+    @staticmethod
+    def _short_of_second_look() -> Any:
         labels = (
             select(func.count())
             .where(Label.item_id == PoolItem.id, live_review_label())
@@ -71,15 +72,29 @@ class SuspectRepository:
         adjudicated = exists().where(
             and_(Label.item_id == PoolItem.id, Label.active.is_(True), Label.kind == ADJUDICATION)
         )
+        return and_(labels < 2, not_(adjudicated))
+
+    def waiting(self) -> int:
+        """Suspected items still waiting for their second reviewer (withheld from training until then)."""
         with self.database.read() as session:
             return (
                 session.scalar(
                     select(func.count())
                     .select_from(PoolItem)
-                    .where(PoolItem.suspected_at.is_not(None), labels < 2, not_(adjudicated))
+                    .where(PoolItem.suspected_at.is_not(None), self._short_of_second_look())
                 )
                 or 0
             )
+
+    def waiting_items(self) -> list[tuple[int, str]]:
+        """(id, text hash) of the suspected items still waiting for their second reviewer, oldest doubt first."""
+        with self.database.read() as session:
+            rows = session.execute(
+                select(PoolItem.id, PoolItem.text_hash)
+                .where(PoolItem.suspected_at.is_not(None), self._short_of_second_look())
+                .order_by(PoolItem.suspected_at, PoolItem.id)
+            ).all()
+        return [(int(item_id), str(text_hash)) for item_id, text_hash in rows]
 
     def suspicion(self, item_id: int) -> dict | None:
         """The stored reason an item was doubted (None: it never was)."""

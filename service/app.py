@@ -21,6 +21,7 @@ from guardloop.service.errors import describe_validation_error, document_validat
 from guardloop.service.guideline_store import GuidelineStore, watch_guidelines
 from guardloop.service.limits import BodySizeLimit
 from guardloop.service.model_holder import ModelHolder
+from guardloop.service.policy_store import PolicyStore, watch_policies
 from guardloop.service.rate_limit import RateLimit, TokenBuckets, WorkLimit, build_groups
 from guardloop.service.rollout_monitor import serve_rollout
 from guardloop.service.routers import (
@@ -30,6 +31,7 @@ from guardloop.service.routers import (
     model_versions,
     moderations,
     ops,
+    policies,
     pool,
     prometheus,
     review,
@@ -62,6 +64,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        # First: a broken policy file stops the start-up before any thread runs (service/policy_store.py).
+        policy_store = await asyncio.to_thread(PolicyStore, settings.policy_path, known_clients=settings.api_keys)
         registry = ModelRegistry(settings.registry_dir)
         holder = ModelHolder(
             registry,
@@ -84,15 +88,17 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         )
         batcher.start()
         app.state.settings, app.state.holder, app.state.batcher = settings, holder, batcher
+        app.state.policies = policy_store
         app.state.guidelines = guideline_store = await asyncio.to_thread(GuidelineStore, settings.guidelines_path)
         watcher = asyncio.create_task(watch_registry(holder, settings.registry_poll_seconds))
         guideline_watcher = asyncio.create_task(watch_guidelines(guideline_store, settings.guidelines_poll_seconds))
+        policy_watcher = asyncio.create_task(watch_policies(policy_store, settings.policy_poll_seconds))
         try:
             # the database, the pool writer, the retention purge; then the roll-out (shadow, canary)
             async with open_storage(app, settings), serve_rollout(app, settings):
                 yield
         finally:
-            for task in (watcher, guideline_watcher):
+            for task in (watcher, guideline_watcher, policy_watcher):
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await task
@@ -148,6 +154,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(classify.router)
     app.include_router(moderations.router, dependencies=[Depends(client_identity)])  # API keys, client id
     app.include_router(guidelines.router)
+    app.include_router(policies.router)
     app.include_router(model_versions.router)
     app.include_router(review.router)
     app.include_router(review_page.router)

@@ -20,6 +20,7 @@ from fastapi import HTTPException, Request, status
 from guardloop.models.onnx_model import Verdict
 from guardloop.service.admission import Overloaded
 from guardloop.service.batcher import NoModelLoaded, TextRejected
+from guardloop.service.decisions import AppliedPolicy, Decision, decide, record_decisions
 from guardloop.service.model_holder import LoadedModel
 
 from guardloop.core import telemetry
@@ -38,6 +39,9 @@ class ClassifiedTexts:
     canonical: list[str]  # what the model read, in the order of `texts`
     verdicts: list[Verdict]  # in the order of `texts`
     model: LoadedModel  # the one version that answered all of them
+    # The caller's tenant policy decided each verdict's flags (service/decisions.py); in the order of `texts`.
+    decisions: list[Decision]
+    policy: AppliedPolicy
 
 
 def _unprocessable(message: str) -> HTTPException:
@@ -100,9 +104,13 @@ async def classify_texts(request: Request, texts: list[str], *, pooled: int | No
         # Only the exception's type: its message may quote the text, which is never logged.
         log.warning("text %s of a request failed alone in the model (%s); answered 422", exc.index, exc.kind)
         raise HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT, str(exc)) from None
-    classified = ClassifiedTexts(texts, canonical, [model.classifier.verdict(row) for row in probs], model)
+    policy = tenant_policy(request)
+    thresholds = model.classifier.thresholds
+    decided = [decide(model.classifier.verdict(row), thresholds, policy) for row in probs]
+    classified = ClassifiedTexts(texts, canonical, [v for v, _ in decided], model, [d for _, d in decided], policy)
     callers_texts = len(texts) if pooled is None else pooled
     telemetry.record_verdicts(classified.verdicts[:callers_texts])
+    record_decisions(policy, classified.decisions[:callers_texts])
     _offer_to_pool(request, classified, callers_texts)
     if rollout is not None:  # the canary's flag tally, a copy for the shadow; never waits
         client_id = getattr(request.state, "client_id", None)
@@ -121,10 +129,17 @@ def client_key(request: Request) -> str:
     return f"ip:{request.client.host if request.client else 'unknown'}"
 
 
+def tenant_policy(request: Request) -> AppliedPolicy:
+    """The caller's tenant policy, by API-key client name. Without API keys the client name is self-declared
+    (X-Client-Id), and a caller must not pick a looser policy by a header: everyone gets the default one."""
+    client = getattr(request.state, "client_id", None) if request.app.state.settings.api_keys else None
+    return request.app.state.policies.current.for_client(client)
+
+
 def _offer_to_pool(request: Request, classified: ClassifiedTexts, count: int) -> None:
-    """Queue the results the pool wants; never waits and never fails the request."""
+    """Queue the results the pool wants (a tenant that opted out: none); never waits and never fails the request."""
     pool = getattr(request.app.state, "pool", None)
-    if pool is None or count <= 0:
+    if pool is None or count <= 0 or not classified.policy.pool:
         return
     try:
         pool.observe(
@@ -132,6 +147,8 @@ def _offer_to_pool(request: Request, classified: ClassifiedTexts, count: int) ->
             classified.verdicts[:count],
             classified.model.version,
             getattr(request.state, "client_id", None),
+            policy=classified.policy,
+            decisions=classified.decisions[:count],
         )
     except Exception:
         log.exception("pool logging failed; the request is answered anyway")

@@ -21,11 +21,12 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 
 from guardloop.models.onnx_model import Verdict
+from guardloop.service.decisions import AppliedPolicy, Decision
 from sqlalchemy.exc import InterfaceError, OperationalError
 from sqlalchemy.exc import TimeoutError as PoolTimeout
 
 from guardloop.core import telemetry
-from guardloop.storage import RANDOM_SAMPLE, UNCERTAIN, DatabaseUnavailable, PoolRecord, WriteOutcome
+from guardloop.storage import RANDOM_SAMPLE, REVIEW_BAND, UNCERTAIN, DatabaseUnavailable, PoolRecord, WriteOutcome
 
 log = logging.getLogger(__name__)
 
@@ -39,6 +40,9 @@ TRANSIENT_ERRORS: tuple[type[BaseException], ...] = (
     TimeoutError,
 )
 MAX_CLIENT_ID_CHARS = 64
+# Review-band texts are requested at this priority plus how far into the band they are (0-1): above every cycle's
+# request (priority = uncertainty, 0-1), so reviewers see a tenant's borderline traffic first.
+REVIEW_BAND_PRIORITY = 1.0
 # How often a writer that holds part of a batch looks for more records (at most this late for a full batch).
 COLLECT_NAP_SECONDS = 0.05
 
@@ -281,14 +285,26 @@ class PoolLogger:
         self.writer = writer
 
     def observe(
-        self, texts: Sequence[str], verdicts: Sequence[Verdict], model_version: str, client_id: str | None
+        self,
+        texts: Sequence[str],
+        verdicts: Sequence[Verdict],
+        model_version: str,
+        client_id: str | None,
+        *,
+        policy: AppliedPolicy | None = None,
+        decisions: Sequence[Decision] | None = None,
     ) -> int:
-        """Queue the pool-worthy results of one request; returns how many were queued."""
+        """Queue the pool-worthy results of one request; returns how many were queued.
+
+        With the tenant's `decisions`, a text in its review band is always queued, requested for review.
+        """
         now: datetime | None = None
         queued = 0
-        for text, verdict in zip(texts, verdicts, strict=True):
+        for i, (text, verdict) in enumerate(zip(texts, verdicts, strict=True)):
             margin = top_two_margin(verdict.scores)
-            sampled_by = self.sampler.choose(verdict.uncertainty, margin)
+            decision = decisions[i] if decisions is not None else None
+            in_band = decision is not None and policy is not None and bool(decision.review_categories)
+            sampled_by = REVIEW_BAND if in_band else self.sampler.choose(verdict.uncertainty, margin)
             if sampled_by is None:
                 continue
             now = now or datetime.now(UTC)
@@ -302,6 +318,14 @@ class PoolLogger:
                 sampled_by=sampled_by,
                 client_id=client_id[:MAX_CLIENT_ID_CHARS] if client_id else None,
                 seen_at=now,
+                tenant=policy.name if policy is not None else None,
+                review_reason=_band_reason(decision, policy) if in_band else None,  # type: ignore[arg-type]
+                priority=REVIEW_BAND_PRIORITY + decision.closeness if in_band else 0.0,  # type: ignore[union-attr]
             )
             queued += self.writer.offer(record)
         return queued
+
+
+def _band_reason(decision: Decision, policy: AppliedPolicy) -> dict[str, object]:
+    # No tenant name: reviewers are not told whose traffic it is (the pool row keeps it for calibration).
+    return {"strategy": REVIEW_BAND, "categories": list(decision.review_categories), "policy_version": policy.version}

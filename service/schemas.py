@@ -9,6 +9,9 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 from guardloop.core.guidance import Guidance
 from guardloop.core.labels import LABELS
 
+# A tenant policy's decision on a text or a category (service/decisions.py).
+Decision = Literal["allow", "review", "block"]
+
 
 class Message(BaseModel):
     """One turn of a conversation."""
@@ -81,13 +84,24 @@ class Classification(BaseModel):
     )
     guidance: list[Guidance] = Field(
         default_factory=list,
-        description="what the chatbot should do: one entry per flagged category, most severe first",
+        description="what the chatbot should do: one entry per category decided block or review, most severe first",
+    )
+    decision: Decision = Field(
+        "allow",
+        description="the caller's tenant policy: block when a category reaches its threshold (= flagged), review when "
+        "a score is in its category's review band, else allow",
+    )
+    category_decisions: dict[str, Decision] = Field(
+        default_factory=dict, description="every harmful category's decision (an ignored category: always allow)"
     )
     decided_by_context: bool | None = Field(
         None,
         description="conversation input only: true when the verdict came from the last user turn read with its "
         "context, false when from the last user turn alone",
     )
+
+
+Decision = Literal["allow", "review", "block"]
 
 
 class ClassifyResponse(BaseModel):
@@ -137,6 +151,8 @@ class ClassifyResponse(BaseModel):
 
     request_id: str
     model_version: str
+    policy: str = Field("default", description="the tenant policy that decided (from the policy file)")
+    policy_version: str = Field("builtin", description="its file's version ('builtin': no policy file)")
     results: list[Classification]
 
 
@@ -225,6 +241,11 @@ class ModerationResult(BaseModel):
     flagged: bool = Field(description="some category reaches its threshold")
     categories: dict[str, bool] = Field(description="every label: does it reach its threshold (not-harmful: never)")
     category_scores: dict[str, float] = Field(description="probability of every label; they sum to 1")
+    # guardloop's own fields: OpenAI's client keeps unknown fields without validating them.
+    decision: Decision = Field("allow", description="the tenant policy's decision; `flagged` is decision == block")
+    category_decisions: dict[str, Decision] = Field(
+        default_factory=dict, description="every harmful category's decision: allow, review or block"
+    )
 
 
 class ModerationResponse(BaseModel):
@@ -265,6 +286,7 @@ class ModerationResponse(BaseModel):
     id: str = Field(description="'modr-' and a random hex string")
     model: str = Field(description="the request's `model` if given, else the served model version")
     results: list[ModerationResult]
+    policy_version: str = Field("builtin", description="version of the policy file that decided (guardloop's field)")
 
 
 class RefusedGuidelines(BaseModel):

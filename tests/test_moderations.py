@@ -179,3 +179,32 @@ def test_openapi_documents_the_moderation_route(keyword_server):
     spec = httpx.get(f"{url}/openapi.json").json()
     assert "/v1/moderations" in spec["paths"]
     assert spec["components"]["schemas"]["ModerationRequest"]["examples"]
+
+
+def test_the_openai_client_parses_answers_that_carry_the_tenants_decision(settings, registry, tmp_path):
+    # Two tenants (guardloop/core/policy.py): the same text is blocked for one and only reviewed for the other.
+    publish_keyword_model(registry, tmp_path, KEYWORDS | {"sad": ("self-harm", 12.0)})
+    policy = tmp_path / "policy.yaml"
+    policy.write_text(
+        "version: p-1\ntenants:\n"
+        "  kids: {clients: [kids], thresholds: {self-harm: 0.3}}\n"
+        "  bank: {clients: [bank], review: {self-harm: 0.2}}\n",
+        encoding="utf-8",
+    )
+    keys = {"kids": "sk-test-kids-0123456789", "bank": "sk-test-bank-0123456789"}
+    tenants = settings.model_copy(
+        update={"api_keys": {name: SecretStr(key) for name, key in keys.items()}, "policy_path": policy}
+    )
+    with live_server(tenants) as url:
+        answers = {
+            name: OpenAI(base_url=f"{url}/v1", api_key=key, max_retries=0).moderations.create(
+                input="i feel so sad today"
+            )
+            for name, key in keys.items()
+        }
+    kids, bank = answers["kids"].results[0], answers["bank"].results[0]
+    assert kids.category_scores.self_harm == pytest.approx(bank.category_scores.self_harm)
+    assert (kids.flagged, kids.categories.self_harm, kids.decision) == (True, True, "block")  # flagged == block
+    assert (bank.flagged, bank.categories.self_harm, bank.decision) == (False, False, "review")
+    assert bank.model_extra["category_decisions"]["self-harm"] == "review"  # kept as an extra field, unvalidated
+    assert answers["bank"].model_extra["policy_version"] == "p-1"

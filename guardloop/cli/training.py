@@ -233,7 +233,9 @@ def _echo_extended(report: dict[str, Any]) -> None:
 @app.command()
 @friendly_errors
 def calibrate(
-    data: Annotated[list[Path], typer.Option("--data", help="labeled TSV/CSV/JSONL file (repeatable)")],
+    data: Annotated[
+        list[Path] | None, typer.Option("--data", help="labeled TSV/CSV/JSONL file (repeatable); or --tenant")
+    ] = None,
     target_precision: Annotated[
         list[str] | None,
         typer.Option(
@@ -256,8 +258,16 @@ def calibrate(
     text_column: Annotated[str | None, typer.Option()] = None,
     label_column: Annotated[str | None, typer.Option()] = None,
     skip_bad_rows: Annotated[bool, typer.Option()] = False,
+    tenant: Annotated[
+        str | None,
+        typer.Option(help="tune this tenant's thresholds on its reviewed traffic; prints a policy snippet"),
+    ] = None,
+    write_policy: Annotated[
+        bool, typer.Option(help="with --tenant: also write the thresholds into the policy file (a new version)")
+    ] = False,
 ) -> None:
-    """Tune per-category thresholds on a labeled file; publish them as a new version (parent: the old one)."""
+    """Tune per-category thresholds on a labeled file and publish them as a new version (parent: the old one); or,
+    with --tenant, on that tenant's reviewed traffic into its policy."""
     # scikit-learn's precision-recall curve comes with the train extra.
     from guardloop.trainer.calibrate import (
         CalibrationError,
@@ -278,13 +288,26 @@ def calibrate(
     except CalibrationError as exc:
         raise UserError(str(exc)) from None
     settings = load_settings()
-    loaded = load_labeled(data, text_column, label_column, skip_bad_rows)
-    version, card, classifier = open_version(settings, model)
-    texts = [ex.text for ex in loaded.examples]
+    if tenant is not None and data:
+        raise UserError("give --data FILE or --tenant NAME, not both: a tenant is tuned on its own reviewed traffic")
+    if tenant is None and not data:
+        raise UserError("give --data FILE (labeled examples) or --tenant NAME (its reviewed traffic)")
+    if write_policy and tenant is None:
+        raise UserError("--write-policy needs --tenant NAME")
+    if tenant is not None:
+        from guardloop.cli.tenant_calibrate import finish_tenant, tenant_inputs
+
+        version, card, classifier = open_version(settings, model)
+        inputs = tenant_inputs(settings, tenant, card.thresholds)
+        texts, y_true, previous = inputs.texts, inputs.labels, inputs.previous
+    else:
+        loaded = load_labeled(data or [], text_column, label_column, skip_bad_rows)
+        version, card, classifier = open_version(settings, model)
+        texts, y_true = [ex.text for ex in loaded.examples], [ex.label or "" for ex in loaded.examples]
+        previous = card.thresholds
     probs = classifier.predict_many(texts)
-    y_true = [ex.label or "" for ex in loaded.examples]
     try:
-        results = calibrate_thresholds(probs, y_true, card.thresholds, targets)
+        results = calibrate_thresholds(probs, y_true, previous, targets)
     except CalibrationError as exc:
         raise UserError(str(exc)) from None
     typer.echo(f"model {version} on {len(texts)} texts")
@@ -297,8 +320,12 @@ def calibrate(
             typer.echo(f"  {c.label}: {c.note}", err=True)
     if not any(c.reached and (c.target.metric != "hold-precision" or c.threshold != c.previous) for c in results):
         raise UserError("no threshold was calibrated (see above); nothing published")
-    expected = expected_at(probs, y_true, calibrated_thresholds(card.thresholds, results))
+    expected = expected_at(probs, y_true, calibrated_thresholds(previous, results))
     _echo_expected(expected)
+    if tenant is not None:
+        calibrated = {c.label: c.threshold for c in results if c.reached and c.threshold != c.previous}
+        finish_tenant(settings, tenant, inputs, calibrated, version, write_policy)
+        return
     overridden = sorted(c.label for c in results if c.reached and c.label in settings.thresholds)
     if overridden:
         typer.echo(

@@ -82,6 +82,10 @@ class Settings(BaseSettings):
     guidelines_path: Path | None = Field(None, description="operator's guideline library (YAML); default: built in")
     guidelines_poll_seconds: float = Field(2.0, gt=0, description="how often the guideline file's mtime is checked")
 
+    # Tenant policies (guardloop/core/policy.py): thresholds, review band, guidance, pool opt-in per API-key client
+    policy_path: Path | None = Field(None, description="tenant policy file (YAML); unset: one policy, today's rules")
+    policy_poll_seconds: float = Field(2.0, gt=0, description="how often the policy files' mtimes are checked")
+
     # Pool of uncertain traffic and the reviewers' queue (SQLite file under data_dir unless database_url is set)
     database_url: SecretStr | None = Field(
         None, description="postgresql+psycopg://user:pass@host/db or sqlite:///path; unset: <data_dir>/guardloop.db"

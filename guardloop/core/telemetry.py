@@ -27,7 +27,8 @@ from typing import TYPE_CHECKING
 from prometheus_client import REGISTRY, Counter, Gauge, Histogram
 from prometheus_client.registry import Collector
 
-from guardloop.core.labels import LABELS
+from guardloop.core import policy
+from guardloop.core.labels import HARMFUL_LABELS, LABELS
 
 if TYPE_CHECKING:
     from guardloop.models.onnx_model import Verdict
@@ -125,6 +126,27 @@ REVIEW_OLDEST_AGE = Gauge(
     registry=None,
 )
 LABELS_GIVEN = Counter("guardloop_labels_total", "labels given, by reviewer name", ["reviewer"], registry=None)
+# Tenant label values come from the policy file only (its tenants and `default`), never from a caller: bounded.
+POLICY_DECISIONS = Counter(
+    "guardloop_policy_decisions_total",
+    "texts decided under a tenant's policy: allow, review or block, per harmful category and overall",
+    ["tenant", "category", "decision"],
+    registry=None,
+)
+POLICY_RELOADS = Counter(
+    "guardloop_policy_reloads_total",
+    "policy files read: loaded, or refused (the old policy kept)",
+    ["outcome"],
+    registry=None,
+)
+POLICY_REFUSED = Gauge(
+    "guardloop_policy_refused",
+    "1 while the policy file on disk is refused and the previous policy decides",
+    registry=None,
+)
+POLICY_INFO = Gauge(
+    "guardloop_policy_info", "1 for the policy version this process decides with", ["version"], registry=None
+)
 
 # --------------------------------------------------------------------------------------------- trainer
 CYCLE_STEP_SECONDS = Histogram(
@@ -220,6 +242,10 @@ SERVICE_METRICS: tuple[Collector, ...] = (
     REVIEW_QUEUE_DEPTH,
     REVIEW_OLDEST_AGE,
     LABELS_GIVEN,
+    POLICY_DECISIONS,
+    POLICY_RELOADS,
+    POLICY_REFUSED,
+    POLICY_INFO,
 )
 TRAINER_METRICS: tuple[Collector, ...] = (
     CYCLE_STEP_SECONDS,
@@ -250,6 +276,7 @@ _REFUSED = {reason: REQUESTS_REFUSED.labels(reason=reason) for reason in REFUSAL
 _CYCLES = {outcome: CYCLES.labels(outcome=outcome) for outcome in CYCLE_OUTCOMES}
 _RECALL = {label: LAST_PROMOTED_RECALL.labels(label=label) for label in LABELS}
 _ACCEPTED, _FILTERED = VARIATIONS.labels(outcome="accepted"), VARIATIONS.labels(outcome="filtered")
+_POLICY_LOADED, _POLICY_REFUSED = POLICY_RELOADS.labels(outcome="loaded"), POLICY_RELOADS.labels(outcome="refused")
 _DRIFT_CHECKS = {outcome: DRIFT_CHECKS.labels(outcome=outcome) for outcome in DRIFT_OUTCOMES}
 for _step in CYCLE_STEPS:
     CYCLE_STEP_SECONDS.labels(step=_step)
@@ -309,6 +336,27 @@ def record_model_served(version: str, load_seconds: float, *, replaced: bool) ->
 def record_no_model() -> None:
     MODEL_INFO.clear()
     MODEL_LOADED.set(0)
+
+
+def decision_counters(tenant: str) -> dict[tuple[str, str], Counter]:
+    """Every (category or overall, decision) counter of one tenant, made at 0 when its policy loads: the request
+    path then only increments, and rate() sees the 0."""
+    categories = (*HARMFUL_LABELS, policy.OVERALL)
+    return {(c, d): POLICY_DECISIONS.labels(tenant, c, d) for c in categories for d in policy.DECISIONS}
+
+
+def record_policy_in_force(version: str, *, loaded: bool) -> None:
+    """The policy version now deciding ("builtin" without a file); `loaded`: it was read from the file just now."""
+    if loaded:
+        _POLICY_LOADED.inc()
+    POLICY_REFUSED.set(0)
+    POLICY_INFO.clear()  # the old version's series goes, as for the model
+    POLICY_INFO.labels(version=version).set(1)
+
+
+def record_policy_refused() -> None:
+    _POLICY_REFUSED.inc()
+    POLICY_REFUSED.set(1)
 
 
 def record_database_gauges(pool_size: int, queue_depth: int, oldest_age_seconds: float) -> None:

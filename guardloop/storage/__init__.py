@@ -28,11 +28,12 @@ from guardloop.storage.review_records import (
     ReviewStats,
 )
 from guardloop.storage.reviewers import ReviewerError, ReviewerRepository, ReviewerView
-from guardloop.storage.tables import NON_LABELS, RANDOM_SAMPLE, SKIP, UNCERTAIN, UNSURE
+from guardloop.storage.tables import NON_LABELS, RANDOM_SAMPLE, REVIEW_BAND, SKIP, UNCERTAIN, UNSURE
 
 __all__ = [
     "NON_LABELS",
     "RANDOM_SAMPLE",
+    "REVIEW_BAND",
     "SKIP",
     "UNCERTAIN",
     "UNSURE",

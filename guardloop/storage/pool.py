@@ -26,9 +26,13 @@ class PoolRecord:
     uncertainty: float
     margin: float
     model_version: str
-    sampled_by: str  # UNCERTAIN or RANDOM_SAMPLE
+    sampled_by: str  # UNCERTAIN, RANDOM_SAMPLE or REVIEW_BAND
     client_id: str | None
     seen_at: datetime
+    tenant: str | None = None  # the policy that decided (service/decisions.py)
+    # Set for a text in its tenant's review band: it is requested for review at once, with this reason and priority.
+    review_reason: dict[str, Any] | None = None
+    priority: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -50,6 +54,7 @@ class StoredItem:
     model_version: str
     sampled_by: str
     client_id: str | None
+    tenant: str | None
     first_seen: datetime
     last_seen: datetime
     requested_at: datetime | None
@@ -105,6 +110,7 @@ def _upsert_statement(dialect: str) -> Any:
         from sqlalchemy.dialects.sqlite import insert
     statement = insert(PoolItem)
     new = statement.excluded
+    unrequested = PoolItem.requested_at.is_(None)
     return statement.on_conflict_do_update(
         index_elements=[PoolItem.text_hash],
         set_={
@@ -117,6 +123,15 @@ def _upsert_statement(dialect: str) -> Any:
             "margin": new.margin,
             "model_version": new.model_version,
             "sampled_by": new.sampled_by,
+            # A review-band sighting requests a row nobody requested yet (and names its tenant); a requested row keeps
+            # its request, whoever sees the text next.
+            "requested_at": func.coalesce(PoolItem.requested_at, new.requested_at),
+            "request_reason": case((unrequested, new.request_reason), else_=PoolItem.request_reason),
+            "priority": case((unrequested, new.priority), else_=PoolItem.priority),
+            "tenant": case(
+                (and_(unrequested, new.requested_at.is_not(None)), new.tenant),
+                else_=func.coalesce(PoolItem.tenant, new.tenant),
+            ),
         },
     )
 
@@ -155,13 +170,23 @@ class PoolRepository:
                     "model_version": record.model_version,
                     "sampled_by": record.sampled_by,
                     "client_id": record.client_id,
+                    "tenant": record.tenant,
                     "first_seen": record.seen_at,
                     "last_seen": record.seen_at,
-                    "priority": 0.0,
+                    "requested_at": record.seen_at if record.review_reason else None,
+                    "request_reason": record.review_reason,
+                    "priority": record.priority,
                 }
             else:  # the same text twice in one batch: one row (PostgreSQL refuses to upsert a row twice per statement)
                 row["seen_count"] += 1
                 row["last_seen"] = max(row["last_seen"], record.seen_at)
+                if record.review_reason and row["requested_at"] is None:
+                    row.update(
+                        requested_at=record.seen_at,
+                        request_reason=record.review_reason,
+                        priority=record.priority,
+                        tenant=record.tenant,
+                    )
         ordered = [rows[key] for key in sorted(rows)]  # a fixed lock order: concurrent replicas cannot deadlock
         with self.database.write() as session:
             known = set(session.scalars(select(PoolItem.text_hash).where(PoolItem.text_hash.in_(list(rows)))))

@@ -36,6 +36,7 @@ ADJUDICATION = "adjudication"
 # pool_items.sampled_by
 UNCERTAIN = "uncertain"
 RANDOM_SAMPLE = "random"
+REVIEW_BAND = "review-band"  # in its tenant's review band: requested for review at once (service/decisions.py)
 
 
 class UTCDateTime(TypeDecorator[datetime]):
@@ -82,6 +83,8 @@ class PoolItem(Base):
     model_version: Mapped[str] = mapped_column(String(64))
     sampled_by: Mapped[str] = mapped_column(String(16))  # UNCERTAIN or RANDOM_SAMPLE
     client_id: Mapped[str | None] = mapped_column(String(64))
+    # The tenant policy (from the policy file, not the caller) that decided on the text when it was pooled.
+    tenant: Mapped[str | None] = mapped_column(String(64))
     first_seen: Mapped[datetime] = mapped_column(UTCDateTime)
     last_seen: Mapped[datetime] = mapped_column(UTCDateTime, index=True)
     # Set by the trainer when it wants a person to label the item; such items form the review queue.

@@ -7,18 +7,31 @@ from guardloop.models.onnx_model import Verdict
 from guardloop.service.auth import client_identity
 from guardloop.service.classification import check_limits, classify_texts
 from guardloop.service.conversation import conversation_texts, pick_verdict
+from guardloop.service.decisions import AppliedPolicy, Decision
 from guardloop.service.deps import GuidelinesDep, SettingsDep
 from guardloop.service.guideline_store import GuidelineStore
 from guardloop.service.schemas import Classification, ClassifyRequest, ClassifyResponse, ErrorResponse
+
+from guardloop.core.policy import ALLOW
 
 __all__ = ["check_limits", "router"]
 
 router = APIRouter(tags=["classify"])
 
 
-def _classification(verdict: Verdict, text: str, guidelines: GuidelineStore) -> Classification:
-    guidance = guidelines.current.library.guidance_for(verdict.flagged_categories, text) if verdict.flagged else []
-    return Classification(**verdict.__dict__, guidance=guidance)
+def _classification(
+    verdict: Verdict, decision: Decision, text: str, policy: AppliedPolicy, guidelines: GuidelineStore
+) -> Classification:
+    # Guidance for what blocks and for what asks for review: a borderline text gets a softer, guided answer.
+    guided = [category for category, name in decision.categories.items() if name != ALLOW]
+    library = policy.guidelines or guidelines.current.library
+    guidance = library.guidance_for(guided, text) if guided else []
+    return Classification(
+        **verdict.__dict__,
+        guidance=guidance,
+        decision=decision.decision,
+        category_decisions=decision.categories,
+    )
 
 
 @router.post(
@@ -47,11 +60,19 @@ async def classify(
         # Topic keywords are looked up in the text that was judged (as the model read it): with the context when
         # it decided.
         judged = classified.canonical[1] if by_context else classified.canonical[0]
-        result = _classification(verdict, judged, guidelines)
+        decision = classified.decisions[1] if by_context else classified.decisions[0]
+        result = _classification(verdict, decision, judged, classified.policy, guidelines)
         results = [result.model_copy(update={"decided_by_context": by_context})]
     else:
         classified = await classify_texts(request, body.as_list())
         results = [
-            _classification(v, t, guidelines) for v, t in zip(classified.verdicts, classified.canonical, strict=True)
+            _classification(v, d, t, classified.policy, guidelines)
+            for v, d, t in zip(classified.verdicts, classified.decisions, classified.canonical, strict=True)
         ]
-    return ClassifyResponse(request_id=uuid.uuid4().hex, model_version=classified.model.version, results=results)
+    return ClassifyResponse(
+        request_id=uuid.uuid4().hex,
+        model_version=classified.model.version,
+        policy=classified.policy.name,
+        policy_version=classified.policy.version,
+        results=results,
+    )

@@ -41,12 +41,17 @@ async def create_moderation(body: ModerationRequest, request: Request, response:
     response.headers[MODEL_VERSION_HEADER] = classified.model.version
     results = [
         ModerationResult(
-            flagged=verdict.flagged,
+            flagged=verdict.flagged,  # the tenant's block decision (service/decisions.py)
             categories={label: label != SAFE_LABEL and label in verdict.flagged_categories for label in LABELS},
             category_scores=verdict.scores,
+            decision=decision.decision,
+            category_decisions=decision.categories,
         )
-        for verdict in classified.verdicts
+        for verdict, decision in zip(classified.verdicts, classified.decisions, strict=True)
     ]
     return ModerationResponse(
-        id=f"modr-{uuid.uuid4().hex}", model=body.model or classified.model.version, results=results
+        id=f"modr-{uuid.uuid4().hex}",
+        model=body.model or classified.model.version,
+        results=results,
+        policy_version=classified.policy.version,
     )

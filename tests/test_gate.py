@@ -19,7 +19,9 @@ from guardloop.trainer import steps
 from guardloop.trainer.cycle import CycleRunner
 from guardloop.trainer.gate import GateRules, gate
 from guardloop.trainer.training_set import gold_ready, is_gold, split_gold
+from typer.testing import CliRunner
 
+from guardloop.cli import app
 from guardloop.core.labels import LABELS
 from guardloop.core.seed import SEED_DIR
 from guardloop.core.settings import Settings
@@ -223,6 +225,13 @@ def test_a_candidate_worse_on_the_gold_labels_is_rejected_with_the_interval(gold
     assert sets["gold reserve"]["n"] == 60 and sets["gold reserve"]["per_class"] == dict.fromkeys(LABELS, PER_CLASS)
     assert sets["gold reserve"]["candidate"]["per_class_recall"]["self-harm"] == 0.0
     assert sets["eval set"]["n"] == 24 and sets["eval set"]["current"]["macro_f1"] is not None
+    # `guardloop cycles show` prints both sets' numbers and which one decided.
+    env = {"GUARDLOOP_DATABASE_URL": settings.database_url_value, "GUARDLOOP_DATA_DIR": str(settings.data_dir)}
+    shown = CliRunner().invoke(app, ["cycles", "show", cycle_id], env=env)
+    assert shown.exit_code == 0, shown.output
+    assert "eval set (n=24): macro-F1 candidate " in shown.stdout
+    assert "gold reserve (n=60, 10 of 10 per class in the thinnest): macro-F1 candidate 0." in shown.stdout
+    assert shown.stdout.rstrip().endswith("(the gate judged on it)")
     # Training never saw a gold text.
     gold = {text for text, _ in gold_texts()}
     assert trained_on and not gold & set(trained_on)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
@@ -21,8 +21,23 @@ def print_cycle(cycle: CycleView) -> None:
     for step in cycle.steps:
         extra = {k: v for k, v in step.items() if k not in ("step", "seconds")}
         typer.echo(f"  {step['step']:<22}{step['seconds']:>8.1f}s  {json.dumps(extra) if extra else ''}")
+    for name, numbers in (cycle.metrics.get("eval_sets") or {}).items():
+        typer.echo(f"  {_eval_set_line(name, numbers, decided=cycle.metrics.get('gate_set') == name)}")
     if cycle.model_version:
         typer.echo(f"  published {cycle.model_version}")
+
+
+def _eval_set_line(name: str, numbers: dict[str, Any], *, decided: bool) -> str:
+    """One gate set's macro-F1 for candidate and current (the gold reserve with how full it is)."""
+
+    def f1(report: dict[str, Any] | None) -> str:
+        return "-" if not report else f"{report['macro_f1']:.4f}"
+
+    size = f"n={numbers.get('n', 0)}"
+    if "min_per_class" in numbers:
+        size += f", {min(numbers['per_class'].values())} of {numbers['min_per_class']} per class in the thinnest"
+    line = f"{name} ({size}): macro-F1 candidate {f1(numbers.get('candidate'))}, current {f1(numbers.get('current'))}"
+    return line + (" (the gate judged on it)" if decided else "")
 
 
 @app.command("cycle")

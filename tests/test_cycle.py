@@ -102,7 +102,10 @@ def test_cycle_with_oracle_labels_trains_gates_and_promotes(cycle_env, tmp_path)
     registry = ModelRegistry(settings.registry_dir)
     old = publish_tiny(registry, tmp_path, favour="legal-advice")
     # One epoch on a small slice trains a weak model; this test is about the pipeline, the gate has its own tests.
-    settings = settings.model_copy(update={"gate_max_macro_f1_drop": 1.0, "gate_max_recall_drop": 1.0})
+    # Every item asks the LLM (uniform budget), so every item records the failure.
+    settings = settings.model_copy(
+        update={"gate_max_macro_f1_drop": 1.0, "gate_max_recall_drop": 1.0, "llm_variation_budget": "uniform"}
+    )
 
     runner = runner_for(settings, database, oracle)
     # The LLM endpoint is down (nothing listens on that port): the cycle records it and trains on what it has.

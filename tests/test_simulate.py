@@ -121,3 +121,37 @@ def test_simulate_writes_each_iteration_as_it_finishes(tmp_path):
         assert f"it {line['iteration']}: labels" in run.stderr
         assert f"eval macro-F1 {line['eval_macro_f1']:.4f}" in run.stderr, (line, run.stderr[-2000:])
     assert any(line.startswith("cluster") for line in run.stdout.splitlines())
+
+
+def test_the_table_names_emergency_f1_the_verifier_share_and_per_class_counts_and_f1(tmp_path):
+    results = tmp_path / "results.jsonl"
+    for seed, (verified, rejected) in ((1, (40, 10)), (2, (60, 30))):
+        it = iteration(1, 0.7, 2.0, [2, 2, 2, 2, 6, 6])
+        it.eval_per_class_f1 = {**it.eval_per_class_f1, "emergency-situation": 0.25 * seed}
+        it.variations_verified, it.variations_rejected = verified, rejected
+        append_result_line(results, "rare-cluster", seed, 0.6, it)
+    old = iteration(1, 0.5, 1.0, [1, 1, 1, 1, 1, 1]).__dict__  # a line written before these fields existed
+    old = {k: v for k, v in old.items() if k not in ("variations_verified", "variations_rejected")}
+    old.pop("acquired_with_variations"), old.pop("eval_per_class_f1")
+    with results.open("a", encoding="utf-8") as out:
+        out.write(json.dumps({"strategy": "cluster", "seed": 1, "baseline_macro_f1": 0.6, **old}) + "\n")
+
+    rows = summarize(read_result_lines(results))
+    rare = next(row for row in rows if row["strategy"] == "rare-cluster")
+    assert rare["rejected_share"] == pytest.approx(40 / 100)  # over both seeds' rewrites, not a mean of shares
+    assert rare["eval_per_class_f1"]["emergency-situation"] == pytest.approx(0.375)
+    assert rare["acquired_with_variations"]["emergency-situation"] == pytest.approx(36.0)
+
+    run = run_cli("simulate-report", str(results))
+    assert run.returncode == 0, run.stderr
+    lines = run.stdout.splitlines()
+    assert "emerg F1" in lines[0] and "rejected%" in lines[0]
+    first = next(line for line in lines if line.startswith("rare-cluster"))
+    assert first.split()[-2:] == ["37.5", "40.0"]  # emergency-situation F1, share rejected (%)
+    assert first.split()[-4] == "70.0"  # macro-F1
+    assert any("eval F1 per class" in line for line in lines)
+    per_class = [line for line in lines if line.startswith("rare-cluster")][1]
+    assert per_class.split()[3:9] == ["12.0", "12.0", "12.0", "12.0", "36.0", "36.0"]  # labels + variations
+    assert per_class.split()[-2] == "37.5"  # emergency-situation F1 in its column
+    old_row = next(line for line in lines if line.startswith("cluster"))
+    assert old_row.split()[-2:] == ["-", "-"]  # no per-class F1 or verifier share recorded: shown as missing

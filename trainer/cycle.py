@@ -34,6 +34,7 @@ from guardloop.trainer.rollout_step import advance_rollout, start_shadow
 from guardloop.trainer.train import TrainJob, train_and_publish
 from guardloop.trainer.training_set import base_files, base_training_sets, eval_set, is_gold, split_gold
 from guardloop.trainer.variations import VariationGenerator
+from guardloop.trainer.variations.verifier import lazy_embedder
 from sqlalchemy.exc import SQLAlchemyError
 
 from guardloop.core import telemetry
@@ -416,10 +417,14 @@ class CycleRunner:
         if not todo:
             return {"items": 0}
         make = generator_variation_maker(self.variation_generator)
+        items = [(final.text, final.label) for final in todo]
+        trained_labels = [ex.label or "" for ex in base_training_sets(self.settings)[0]]
+        trained_labels += [f.label for f in self.reviews.final_labels()] + [y for _, y in self.cycles.variations()]
+        budgets = steps.variation_budgets(
+            self.settings.llm_variation_budget, items, trained_labels, self.settings.llm_variations
+        )
         try:
-            generated = steps.generate(
-                make, [(final.text, final.label) for final in todo], current.predict_proba if current else None
-            )
+            generated = steps.generate(make, items, current.predict_proba if current else None, budgets)
         except Exception as exc:  # the LLM could not even start: train on what we have, say why
             log.error("cycle %s: no variations: %s", cycle.id, exc)
             return {"items": len(todo), "error": str(exc).splitlines()[0] if str(exc) else type(exc).__name__}
@@ -431,6 +436,9 @@ class CycleRunner:
             "accepted": accepted,
             "filtered": generated.filtered,
             "failed_items": generated.failed_items,
+            "verified": generated.verified,
+            "rejected": generated.rejected,
+            "not_asked": sum(1 for budget in budgets or [] if budget == 0),  # their class is not thin
         }
 
 
@@ -447,6 +455,8 @@ def generator_variation_maker(
             accepted=[list(result.accepted) for result in batch.results],
             filtered=int(sum(sum(result.filtered.values()) for result in batch.results)),
             failed_items=len(batch.failed),
+            verified=sum(result.verified for result in batch.results),
+            rejected=sum(result.rejected for result in batch.results),
         )
 
     return make
@@ -476,6 +486,11 @@ def build_cycle_runner(settings: Settings, *, oracle: Path | None = None, progre
         database=Database(settings.database_url_value),
         registry=ModelRegistry(settings.registry_dir),
         oracle=OracleLabeler(oracle_path) if oracle_path else None,
-        variation_generator=lambda proba: VariationGenerator.from_settings(settings, predict_proba=proba),
+        variation_generator=lambda proba: VariationGenerator.from_settings(
+            settings,
+            predict_proba=proba,
+            # The verifier's drift check embeds with the embedder the select step uses (its cache is shared).
+            embed=lazy_embedder(settings.data_dir / "cache") if settings.llm_verify else None,
+        ),
         progress=progress,
     )

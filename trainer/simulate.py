@@ -40,6 +40,7 @@ from guardloop.trainer.simulation_results import (
 )
 from guardloop.trainer.training_set import split_gold
 from guardloop.trainer.variations import VariationGenerator, consistency_filter
+from guardloop.trainer.variations.verifier import lazy_embedder
 
 from guardloop.core.datafiles import Example, stratified_split
 from guardloop.core.labels import LABELS
@@ -68,6 +69,8 @@ class Simulation:
     gate_rules: GateRules = field(default_factory=lambda: GateRules(max_f1_drop=0.01, max_recall_drop=0.05))
     gold_share: float = 0.1  # as settings.gold_share: this share of the picks (by pool index) is never trained on
     gold_min_per_class: int = 10  # as settings.gold_min_per_class
+    variation_budget: str = "deficit"  # as settings.llm_variation_budget (steps.variation_budgets)
+    variations_k: int = 5  # variations asked for per item at most
     label_check: bool = True  # as settings.label_check (and _folds, _max_share below)
     label_check_folds: int = 5
     label_check_max_share: float = 0.2
@@ -166,7 +169,13 @@ class Simulation:
             gold += [Example(pool_texts[i], label) for i, label in reserved]
             new_items = [(pool_texts[i], label) for i, label in trainable]
             trained += new_items
-            generated = steps.generate(self.make_variations, new_items, served.predict_proba)
+            budgets = steps.variation_budgets(
+                self.variation_budget,
+                new_items,
+                [ex.label or "" for ex in base] + [y for _, y in trained] + [y for _, y in variations],
+                self.variations_k,
+            )
+            generated = steps.generate(self.make_variations, new_items, served.predict_proba, budgets)
             for (_, label), rewrites in zip(new_items, generated.accepted, strict=True):
                 variations += [(text, label) for text in rewrites]
             accepted = sum(len(rewrites) for rewrites in generated.accepted)
@@ -191,6 +200,8 @@ class Simulation:
                 std_labels=class_count_std(counts),
                 std_with_variations=class_count_std(counts_all),
                 variations_accepted=accepted,
+                variations_verified=generated.verified,
+                variations_rejected=generated.rejected,
                 train_size=len(train),
                 eval_macro_f1=report["macro_f1"],
                 eval_per_class_f1=report["per_class_f1"],
@@ -207,19 +218,24 @@ class Simulation:
 def llm_variation_maker(generator: Any, cache_file: Path | None = None) -> steps.VariationMaker:
     """Adapt a started VariationGenerator for simulations.
 
-    The LLM's hygiene-passed rewrites are cached by (label, text, k) in `cache_file`, so strategies and seeds
-    that pick the same item reuse them (the LLM is the slow part here); the consistency filter is applied
-    afterwards with the model of the current iteration, exactly as in a live cycle.
+    The LLM's verified rewrites (hygiene and verifier passed; how many the verifier judged and rejected) are
+    cached by (label, text, k, verifier on or off) in `cache_file`, so strategies and seeds that pick the same
+    item reuse them (the LLM is the slow part here); the consistency filter is applied afterwards with the model
+    of the current iteration, exactly as in a live cycle.
     """
     cache: dict[str, list[str]] = {}
+    judged: dict[str, tuple[int, int]] = {}  # key -> (verified, rejected)
     if cache_file is not None and cache_file.is_file():
         for line in cache_file.read_text(encoding="utf-8").splitlines():
             if line.strip():
                 entry = json.loads(line)
                 cache[entry["key"]] = entry["variations"]
+                judged[entry["key"]] = (entry.get("verified", 0), entry.get("rejected", 0))
+    # Rewrites verified once are not the same as rewrites never verified: the two never share a cache entry.
+    verifying = "verified" if getattr(generator.config, "verifier", None) is not None else ""
 
     def key(text: str, label: str) -> str:
-        return hashlib.sha256(f"{label}\x00{generator.config.k}\x00{text}".encode()).hexdigest()
+        return hashlib.sha256(f"{label}\x00{generator.config.k}\x00{verifying}{text}".encode()).hexdigest()
 
     def make(items: Sequence[tuple[str, str]], current_proba: steps.Proba | None) -> steps.Generated:
         todo = [(text, label) for text, label in items if key(text, label) not in cache]
@@ -230,9 +246,12 @@ def llm_variation_maker(generator: Any, cache_file: Path | None = None) -> steps
                 if result.failed:
                     continue  # not cached: a later run may get it
                 cache[key(text, label)] = result.accepted
+                judged[key(text, label)] = (result.verified, result.rejected)
                 if cache_file is not None:
+                    entry = {"key": key(text, label), "variations": result.accepted}
+                    entry |= {"verified": result.verified, "rejected": result.rejected}
                     with cache_file.open("a", encoding="utf-8") as out:
-                        out.write(json.dumps({"key": key(text, label), "variations": result.accepted}) + "\n")
+                        out.write(json.dumps(entry) + "\n")
         threshold = generator.config.consistency_threshold
         kept, dropped = [], 0
         for text, label in items:
@@ -243,7 +262,9 @@ def llm_variation_maker(generator: Any, cache_file: Path | None = None) -> steps
             kept.append(accepted)
             dropped += n_dropped
         failed = sum(1 for text, label in items if key(text, label) not in cache)
-        return steps.Generated(kept, filtered=dropped, failed_items=failed)
+        outcomes = [judged.get(key(text, label), (0, 0)) for text, label in items]
+        verified, rejected = sum(v for v, _ in outcomes), sum(r for _, r in outcomes)
+        return steps.Generated(kept, dropped, failed, verified, rejected)
 
     return make
 
@@ -265,6 +286,7 @@ class SimulationPlan:
     clusters: int | None
     epochs: int
     results_file: Path | None = None  # one JSON line per finished iteration (see simulation_results)
+    variation_budget: str | None = None  # "deficit" or "uniform"; None: settings.llm_variation_budget
 
 
 def run_simulations(
@@ -277,7 +299,9 @@ def run_simulations(
     settings = settings.model_copy(update={"llm_variations": max(plan.variations, 1)})
     cache_dir = settings.data_dir / "cache"
     results = []
-    llm = VariationGenerator.from_settings(settings) if plan.variations else contextlib.nullcontext()
+    # The verifier's drift check embeds with the same sentence embedder the strategies use.
+    embed = lazy_embedder(cache_dir) if plan.variations and settings.llm_verify else None
+    llm = VariationGenerator.from_settings(settings, embed=embed) if plan.variations else contextlib.nullcontext()
     with llm as generator:
         for seed in plan.seeds:
             pool, held_out = (
@@ -301,6 +325,8 @@ def run_simulations(
                     gate_rules=rules_from(settings),
                     gold_share=settings.gold_share,
                     gold_min_per_class=settings.gold_min_per_class,
+                    variation_budget=plan.variation_budget or settings.llm_variation_budget,
+                    variations_k=plan.variations,
                     label_check=settings.label_check,
                     label_check_folds=settings.label_check_folds,
                     label_check_max_share=settings.label_check_max_share,

@@ -35,7 +35,14 @@ class IterationResult:
     eval_per_class_f1: dict[str, float]
     seconds: float
     promoted: bool = True  # whether the gate let this iteration's model replace the one that scored its pool
+    variations_verified: int = 0  # this iteration's rewrites that reached the verifier
+    variations_rejected: int = 0  # of those, rejected by it
     labels_suspected: int = 0  # new labels the label check withheld for a second look (the oracle's, next iteration)
+
+    @property
+    def rejected_share(self) -> float | None:
+        """Share of this iteration's rewrites the verifier rejected; None when it judged none."""
+        return self.variations_rejected / self.variations_verified if self.variations_verified else None
 
 
 @dataclass
@@ -78,8 +85,21 @@ def read_result_lines(path: Path) -> list[dict[str, Any]]:
     return lines
 
 
+CRITICAL = "emergency-situation"  # the rare critical class the tables name
+
+
+def _mean_per_class(at: Sequence[dict[str, Any]], key: str) -> dict[str, float]:
+    """Mean over seeds of a per-class field; lines written before the field existed count as absent (NaN)."""
+    return {
+        label: float(np.mean([x[key][label] for x in at])) if all(key in x for x in at) else float("nan")
+        for label in LABELS
+    }
+
+
 def summarize(lines: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Per strategy and iteration: mean and spread over seeds of label std, std with variations, and eval macro-F1.
+    """Per strategy and iteration: mean and spread over seeds of label std, std with variations, eval macro-F1,
+    per-class counts (labels, and with variations) and per-class eval F1, and the share of rewrites the
+    verifier rejected (over all seeds' rewrites of that iteration).
 
     Only the iterations every seed of that strategy reached are averaged, so a stopped run never mixes depths.
     """
@@ -103,22 +123,52 @@ def summarize(lines: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
                     "eval_macro_f1": float(f1.mean()),
                     "eval_macro_f1_sd": float(f1.std(ddof=1)) if len(f1) > 1 else 0.0,
                     "acquired": {label: float(np.mean([x["acquired"][label] for x in at])) for label in LABELS},
+                    "acquired_with_variations": _mean_per_class(at, "acquired_with_variations"),
+                    "eval_per_class_f1": _mean_per_class(at, "eval_per_class_f1"),
+                    "rejected_share": _share(
+                        sum(x.get("variations_rejected", 0) for x in at),
+                        sum(x.get("variations_verified", 0) for x in at),
+                    ),
                 }
             )
     return rows
 
 
+def _share(part: int, whole: int) -> float | None:
+    return part / whole if whole else None
+
+
+def _number(value: float | None, width: int, scale: float = 1.0) -> str:
+    """One right-aligned cell; '-' where there is no data (None, or NaN from results written before the field)."""
+    return f"{'-':>{width}}" if value is None or np.isnan(value) else f"{scale * value:>{width}.1f}"
+
+
+def _percent(value: float | None, width: int) -> str:
+    return _number(value, width, 100.0)
+
+
 def summary_table(rows: Sequence[dict[str, Any]]) -> list[str]:
-    """The lines of the table `simulate` and `simulate-report` print: one row per strategy and iteration."""
+    """The lines of the tables `simulate` and `simulate-report` print, one row per strategy and iteration: the
+    acquired labels per class with their std, std with variations, macro-F1, emergency-situation F1 and the
+    share of rewrites the verifier rejected; then, per class, the counts with variations and the eval F1."""
     labels = " ".join(f"{label[:5]:>6}" for label in LABELS)
-    lines = [f"{'strategy':<9}{'it':>3}{'seeds':>7}  {labels}{'std':>7}{'std+var':>8}{'base F1':>9}{'F1':>8}{'±':>6}"]
+    head = f"{'strategy':<13}{'it':>3}{'seeds':>6}  "
+    lines = [f"{head}{labels}{'std':>7}{'std+var':>8}{'base F1':>9}{'F1':>8}{'±':>6}{'emerg F1':>9}{'rejected%':>10}"]
     for row in rows:
         counts = " ".join(f"{row['acquired'][label]:>6.1f}" for label in LABELS)
+        critical = row.get("eval_per_class_f1", {}).get(CRITICAL)
         lines.append(
-            f"{row['strategy']:<9}{row['iteration']:>3}{len(row['seeds']):>7}  {counts}{row['std_labels']:>7.1f}"
+            f"{row['strategy']:<13}{row['iteration']:>3}{len(row['seeds']):>6}  {counts}{row['std_labels']:>7.1f}"
             f"{row['std_with_variations']:>8.1f}{100 * row['baseline_macro_f1']:>9.1f}"
             f"{100 * row['eval_macro_f1']:>8.1f}{100 * row['eval_macro_f1_sd']:>6.1f}"
+            f"{_percent(critical, 9)}{_percent(row.get('rejected_share'), 10)}"
         )
+    lines += ["", f"{head}{'labels + variations per class':<41}  eval F1 per class (%)", f"{head}{labels}  {labels}"]
+    for row in rows:
+        with_variations = row.get("acquired_with_variations", {})
+        counts = " ".join(_number(with_variations.get(label), 6) for label in LABELS)
+        f1 = " ".join(_percent(row.get("eval_per_class_f1", {}).get(label), 6) for label in LABELS)
+        lines.append(f"{row['strategy']:<13}{row['iteration']:>3}{len(row['seeds']):>6}  {counts}  {f1}")
     return lines
 
 
@@ -128,6 +178,7 @@ def iteration_line(strategy: str, seed: int, it: IterationResult) -> str:
         f"{strategy:<8} seed {seed:<4} it {it.iteration}: labels "
         + " ".join(f"{n}" for n in it.acquired.values())
         + f" (std {it.std_labels:.1f}; with variations std {it.std_with_variations:.1f}, "
-        f"{it.variations_accepted} new variations)  eval macro-F1 {it.eval_macro_f1:.4f}  "
-        f"{it.seconds:.0f}s"
+        f"{it.variations_accepted} new variations, verifier rejected {it.variations_rejected} of "
+        f"{it.variations_verified})  eval macro-F1 {it.eval_macro_f1:.4f}  "
+        f"{CRITICAL} F1 {it.eval_per_class_f1.get(CRITICAL, float('nan')):.4f}  {it.seconds:.0f}s"
     )

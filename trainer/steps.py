@@ -12,6 +12,7 @@ stay in cycle.py; everything that decides what is picked, learned and promoted i
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
@@ -29,6 +30,7 @@ from guardloop.trainer.labelers import OracleLabeler
 from guardloop.trainer.strategies import Selection, make_strategy
 from guardloop.trainer.train import TrainJob, train_model
 from guardloop.trainer.training_set import gold_ready
+from guardloop.trainer.variations.budget import variation_budget
 
 from guardloop.core.datafiles import Example
 from guardloop.core.labels import LABELS
@@ -54,6 +56,8 @@ class Generated:
     accepted: list[list[str]]
     filtered: int = 0
     failed_items: int = 0
+    verified: int = 0  # rewrites the verifier judged
+    rejected: int = 0  # of those, rejected by it
 
 
 # (labeled (text, label) items, the current model's predict_proba or None) -> Generated
@@ -115,11 +119,34 @@ def label(labeler: OracleLabeler, text_hashes: Sequence[str]) -> list[str | None
     return labeler.labels_of(text_hashes)
 
 
-def generate(make: VariationMaker | None, items: Sequence[tuple[str, str]], predict_proba: Proba | None) -> Generated:
-    """Label-preserving LLM rewrites of newly labeled items, filtered by the current model's consistency check."""
+def variation_budgets(
+    how: str, items: Sequence[tuple[str, str]], train_labels: Sequence[str], k: int
+) -> list[int] | None:
+    """Variations per new item: "deficit" sends them to the classes `train_labels` (the training set so far) has
+    fewest of (variations/budget.py); "uniform" (None) asks k for every item, as the paper does."""
+    if how == "uniform":
+        return None
+    return variation_budget([label for _, label in items], Counter(train_labels), k)
+
+
+def generate(
+    make: VariationMaker | None,
+    items: Sequence[tuple[str, str]],
+    predict_proba: Proba | None,
+    budgets: Sequence[int] | None = None,
+) -> Generated:
+    """Label-preserving LLM rewrites of newly labeled items, verified and filtered by the current model's
+    consistency check. With `budgets`, items with 0 are not sent and each item keeps at most its budget."""
     if make is None or not items:
         return Generated([[] for _ in items])
-    return make(items, predict_proba)
+    if budgets is None:
+        return make(items, predict_proba)
+    todo = [i for i, budget in enumerate(budgets) if budget > 0]
+    made = make([items[i] for i in todo], predict_proba) if todo else Generated([])
+    accepted: list[list[str]] = [[] for _ in items]
+    for i, rewrites in zip(todo, made.accepted, strict=True):
+        accepted[i] = rewrites[: budgets[i]]
+    return Generated(accepted, made.filtered, made.failed_items, made.verified, made.rejected)
 
 
 def check_labels(

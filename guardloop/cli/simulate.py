@@ -31,10 +31,17 @@ def simulate(
         Path | None, typer.Option("--eval", help="held-out labeled file (default: --eval-fraction of the pool)")
     ] = None,
     eval_fraction: Annotated[float, typer.Option(min=0.05, max=0.9)] = 0.3,
-    strategy: Annotated[list[str] | None, typer.Option(help="random, topn, coreset, cluster (repeatable)")] = None,
+    strategy: Annotated[
+        list[str] | None,
+        typer.Option(help="rare-cluster (default), cluster (the paper's), random, topn, coreset, ... (repeatable)"),
+    ] = None,
     iterations: Annotated[int, typer.Option(min=1)] = 5,
     per_iteration: Annotated[int, typer.Option(min=1)] = 20,
-    variations: Annotated[int, typer.Option(min=0, help="LLM variations per labeled item (0: none)")] = 5,
+    variations: Annotated[int, typer.Option(min=0, help="LLM variations per labeled item, at most (0: none)")] = 5,
+    variation_budget: Annotated[
+        str | None,
+        typer.Option(help="deficit: variations go to the thinnest classes; uniform: k per item (default: settings)"),
+    ] = None,
     clusters: Annotated[int | None, typer.Option(min=2, help="k-means K for cluster (default: per-iteration)")] = None,
     seed: Annotated[list[int] | None, typer.Option(help="random seed (repeatable)")] = None,
     epochs: Annotated[int, typer.Option(min=1)] = 6,
@@ -44,15 +51,18 @@ def simulate(
         typer.Option("--results", help="append one JSON line per finished iteration here (kept if the run stops)"),
     ] = None,
 ) -> None:
-    """The whole loop with oracle labels: per iteration the acquired class counts, their std, and eval macro-F1."""
+    """The whole loop with oracle labels: per iteration the acquired class counts (labels, and with variations),
+    their std, eval macro-F1 and F1 per class, and the share of variations the verifier rejected."""
     # The train extra (torch, scikit-learn): a serve-only install cannot simulate.
     from guardloop.trainer.simulate import SimulationPlan, run_simulations
     from guardloop.trainer.strategies import STRATEGIES
 
-    strategies = strategy or ["cluster"]
+    strategies = strategy or ["rare-cluster"]  # the cycle's default (settings.cycle_strategy)
     unknown = [name for name in strategies if name not in STRATEGIES]
     if unknown:
         raise UserError(f"unknown strategy {unknown[0]!r}; choose from {', '.join(STRATEGIES)}")
+    if variation_budget not in (None, "deficit", "uniform"):
+        raise UserError(f"--variation-budget {variation_budget!r}: choose deficit or uniform")
     if results_file is not None:
         try:  # before hours of training, not after the first iteration
             results_file.open("a", encoding="utf-8").close()
@@ -72,6 +82,7 @@ def simulate(
         clusters=clusters,
         epochs=epochs,
         results_file=results_file,
+        variation_budget=variation_budget,
     )
     setup_logging()
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 from collections.abc import Callable
@@ -23,6 +24,7 @@ from guardloop.core.settings import Settings
 from guardloop.models.registry import ModelRegistry, open_classifier
 from guardloop.trainer.variations import VariationGenerator
 from guardloop.trainer.variations.llm_server import LLMServerError
+from guardloop.trainer.variations.verifier import VerifierConfig, lazy_embedder
 
 
 @app.command()
@@ -36,6 +38,9 @@ def variations(
     consistency: Annotated[
         bool, typer.Option(help="drop variations the current model confidently puts in another class")
     ] = True,
+    verify: Annotated[
+        bool | None, typer.Option(help="run the verifier every kept variation must pass (default: settings)")
+    ] = None,
     as_json: Annotated[bool, typer.Option("--json", help="one JSON object on stdout")] = False,
     text_column: Annotated[str | None, typer.Option()] = None,
     label_column: Annotated[str | None, typer.Option()] = None,
@@ -48,6 +53,8 @@ def variations(
     settings = load_settings()
     if k is not None:
         settings = settings.model_copy(update={"llm_variations": k})
+    if verify is not None:
+        settings = settings.model_copy(update={"llm_verify": verify})
     loaded = load_labeled([data], text_column, label_column, skip_bad_rows)
     rows = [(ex.text, ex.label or "") for ex in loaded.examples[:limit]]
     if not rows:
@@ -58,7 +65,8 @@ def variations(
         if predict_proba is None:
             typer.echo("no current model in the registry: consistency filter off", err=True)
     try:
-        with VariationGenerator.from_settings(settings, predict_proba=predict_proba) as generator:
+        embed = _embedder(settings) if settings.llm_verify else None
+        with VariationGenerator.from_settings(settings, predict_proba=predict_proba, embed=embed) as generator:
             batch = generator.generate_many(rows)
             endpoint, llm_model = generator.endpoint, generator.model
     except LLMServerError as exc:
@@ -86,6 +94,57 @@ def variations(
     if stats.items_failed == stats.items:
         first = batch.results[0]
         raise UserError(f"the LLM at {endpoint} failed on every row; first: {first.error}: {first.error_detail}")
+
+
+@app.command("verify-variations")
+@friendly_errors
+def verify_variations(
+    sample: Annotated[
+        Path, typer.Option(help="hand-labeled variations, JSON lines: source, label, variation, hand_label")
+    ] = Path("docs/variations-hand-labeled.jsonl"),
+    judge: Annotated[bool, typer.Option(help="ask the LLM (GUARDLOOP_LLM_*) the constrained label question")] = True,
+    drift: Annotated[bool, typer.Option(help="reject rewrites far from their original (MiniLM embeddings)")] = True,
+    min_source_cosine: Annotated[float | None, typer.Option(min=-1, max=1, help="drift threshold")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="one JSON object on stdout")] = False,
+) -> None:
+    """The off-label rate of hand-labeled variations before and after the verifier every variation must pass."""
+    from guardloop.bench.verifier import judge_sample, load_sample, report_lines, summarize
+
+    setup_logging()
+    for noisy in ("httpx", "httpx2"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    if not sample.is_file():
+        raise UserError(f"--sample {sample}: no such file")
+    try:
+        rows = load_sample(sample)
+    except ValueError as exc:
+        raise UserError(f"--sample {sample}: {exc}") from None
+    if not rows:
+        raise UserError(f"--sample {sample}: no rows")
+    settings = load_settings()
+    defaults = VerifierConfig()
+    config = VerifierConfig(
+        min_source_cosine=defaults.min_source_cosine if min_source_cosine is None else min_source_cosine
+    )
+    embed = _embedder(settings) if drift else None
+    try:
+        with VariationGenerator.from_settings(settings, embed=embed) as generator:
+            generator.config = dataclasses.replace(generator.config, verifier=config, judge=judge)
+            summary = summarize(judge_sample(rows, generator.verifier()))
+            summary["llm"] = generator.model if judge else None
+    except LLMServerError as exc:
+        raise UserError(str(exc).splitlines()[0]) from exc
+    summary |= {"judge": judge, "drift": drift, "min_source_cosine": config.min_source_cosine}
+    if as_json:
+        typer.echo(json.dumps(summary))
+        return
+    for line in report_lines(summary):
+        typer.echo(line)
+
+
+def _embedder(settings: Settings) -> Callable[[list[str]], np.ndarray]:
+    """The cycle's sentence embedder, loaded (and exported into the data directory's cache) on first use."""
+    return lazy_embedder(settings.data_dir / "cache")
 
 
 def _current_model_predict_proba(

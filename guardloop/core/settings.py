@@ -177,6 +177,12 @@ class Settings(BaseSettings):
         0.8, gt=0, le=1, description="drop a variation the current model puts in another class with this confidence"
     )
     llm_threads: int = Field(1, ge=1, description="CPU threads of the embedded LLM server")
+    llm_verify: bool = Field(
+        True, description="every variation must pass the verifier (trainer/variations/verifier.py) to be kept"
+    )
+    # deficit: the k-per-item budget goes to the classes the training set has fewest of, none to the largest
+    # (trainer/variations/budget.py); uniform: k for every item, as in the paper.
+    llm_variation_budget: Literal["deficit", "uniform"] = Field("deficit", description="where variations go")
 
     @field_validator("thresholds")
     @classmethod

@@ -14,9 +14,11 @@ from types import TracebackType
 from typing import TYPE_CHECKING, Any
 
 from guardloop.trainer.variations.hygiene import HygieneConfig, PredictProba, apply_hygiene, consistency_filter
+from guardloop.trainer.variations.judge import LLMJudge
 from guardloop.trainer.variations.llm_server import LocalLLMServer
 from guardloop.trainer.variations.prompt import build_messages
 from guardloop.trainer.variations.records import VariationBatch, VariationResult, VariationStats
+from guardloop.trainer.variations.verifier import Embed, Verifier, VerifierConfig
 
 from guardloop.core import telemetry
 from guardloop.core.labels import parse_label
@@ -42,6 +44,10 @@ class VariationConfig:
     consistency_threshold: float = 0.8
     stop_after_consecutive_failures: int = 3  # generate_many gives up on an endpoint that keeps failing
     hygiene: HygieneConfig = field(default_factory=HygieneConfig)
+    # The verifier every accepted variation passes (verifier.py); None: hygiene and consistency filter only.
+    # from_settings turns it on (settings.llm_verify, on by default); a bare config leaves it off.
+    verifier: VerifierConfig | None = None
+    judge: bool = False  # the verifier asks the same LLM a constrained label question about each rewrite
 
     def __post_init__(self) -> None:
         if self.k < 1:
@@ -74,6 +80,8 @@ class VariationGenerator:
         api_key: str | None = None,
         predict_proba: PredictProba | None = None,
         embedded_server: Callable[[], LocalLLMServer] | None = None,
+        embed: Embed | None = None,
+        teacher: PredictProba | None = None,
     ) -> None:
         self.config = config or VariationConfig()
         self.base_url = base_url
@@ -83,10 +91,16 @@ class VariationGenerator:
         self._embedded_server_factory = embedded_server
         self._server: LocalLLMServer | None = None
         self._client: openai.OpenAI | None = None
+        self.embed = embed  # sentence embeddings for the verifier's drift check; None: no drift check
+        self.teacher = teacher  # a second classifier for the verifier; None: none
+        self._verifier_instance: Verifier | None = None  # built on first use: its judge needs the started client
         self.stats = VariationStats()
 
     @classmethod
-    def from_settings(cls, settings: Settings, predict_proba: PredictProba | None = None) -> VariationGenerator:
+    def from_settings(
+        cls, settings: Settings, predict_proba: PredictProba | None = None, *, embed: Embed | None = None
+    ) -> VariationGenerator:
+        """The generator the settings describe; `embed` (the cycle's sentence embedder) turns on the drift check."""
         config = VariationConfig(
             k=settings.llm_variations,
             temperature=settings.llm_temperature,
@@ -95,6 +109,8 @@ class VariationGenerator:
             retries=settings.llm_retries,
             backoff=settings.llm_backoff_seconds,
             consistency_threshold=settings.llm_consistency_threshold,
+            verifier=VerifierConfig() if settings.llm_verify else None,
+            judge=settings.llm_verify,
         )
 
         def embedded_server() -> LocalLLMServer:
@@ -107,6 +123,7 @@ class VariationGenerator:
             api_key=settings.llm_api_key.get_secret_value() if settings.llm_api_key else None,
             predict_proba=predict_proba,
             embedded_server=embedded_server,
+            embed=embed,
         )
 
     # ----------------------------------------------------------------------------------------- lifecycle
@@ -141,6 +158,7 @@ class VariationGenerator:
         log.info("LLM variations via %s (model %s)", base_url, self.model or "first listed by the server")
 
     def close(self) -> None:
+        self._verifier_instance = None
         if self._client is not None:
             self._client.close()
             self._client = None
@@ -234,6 +252,10 @@ class VariationGenerator:
             result.attempt_errors.append("garbage_output")
             self.stats.failures["garbage_output"] += 1
             return
+        if self.config.verifier is not None and candidates:
+            result.verified = len(candidates)
+            candidates, rejected = self.verifier().verify(result.text, result.label, candidates)
+            result.filtered.update(rejected)
         if self.predict_proba is not None and candidates:
             try:
                 candidates, inconsistent = consistency_filter(
@@ -250,6 +272,16 @@ class VariationGenerator:
         if len(candidates) > self.config.k:
             result.filtered["surplus"] += len(candidates) - self.config.k
         result.accepted = candidates[: self.config.k]
+
+    def verifier(self) -> Verifier:
+        """The verifier this generator runs (built on first use: its judge asks the endpoint, started if need be)."""
+        self.start()
+        assert self._client is not None
+        if self._verifier_instance is None:
+            judge = LLMJudge(self._client, self.model or self._first_listed_model()) if self.config.judge else None
+            config = self.config.verifier or VerifierConfig()
+            self._verifier_instance = Verifier(config, judge=judge, embed=self.embed, teacher=self.teacher)
+        return self._verifier_instance
 
     def _count(self, result: VariationResult) -> None:
         self.stats.items += 1

@@ -9,6 +9,11 @@ from typing import Any
 
 log = logging.getLogger(__name__)
 
+# The reasons the verifier (verifier.py) counts in VariationResult.filtered, besides hygiene's.
+VERIFIER_REASONS = frozenset(
+    {"copied_example", "injected_source", "drifted", "judge_disagrees", "teacher_disagrees", "unverified"}
+)
+
 
 # --------------------------------------------------------------------------------------------- results and counts
 @dataclass
@@ -27,6 +32,12 @@ class VariationResult:
     seconds: float = 0.0
     completion_tokens: int = 0
     raw_output: str | None = None
+    verified: int = 0  # rewrites that passed hygiene and went to the verifier (its rejections are in `filtered`)
+
+    @property
+    def rejected(self) -> int:
+        """Rewrites the verifier rejected, all reasons together."""
+        return sum(n for reason, n in self.filtered.items() if reason in VERIFIER_REASONS)
 
     @property
     def failed(self) -> bool:
@@ -44,6 +55,8 @@ class VariationResult:
             "attempt_errors": self.attempt_errors,
             "seconds": round(self.seconds, 3),
             "completion_tokens": self.completion_tokens,
+            "verified": self.verified,
+            "rejected": self.rejected,
         }
 
 

@@ -14,8 +14,10 @@ import typer
 from guardloop.cli.app import app, friendly_errors, load_settings, open_database
 from guardloop.core.errors import UserError
 from guardloop.storage import PoolRepository
+from guardloop.storage.exchange import LabelExchange
+from guardloop.storage.exchange_formats import FORMATS, ExchangeError, parse_records
 
-pool_app = typer.Typer(help="The pool of uncertain traffic: stats, export, purge.", no_args_is_help=True)
+pool_app = typer.Typer(help="The pool of uncertain traffic: stats, export, import, purge.", no_args_is_help=True)
 app.add_typer(pool_app, name="pool")
 
 
@@ -41,14 +43,27 @@ def pool_stats(as_json: Annotated[bool, typer.Option("--json", help="one JSON ob
 @pool_app.command("export")
 @friendly_errors
 def pool_export(
-    export_format: Annotated[str, typer.Option("--format", help="jsonl (one JSON object per line)")] = "jsonl",
+    export_format: Annotated[
+        str,
+        typer.Option(
+            "--format",
+            help="jsonl (one JSON object per line), label-studio (task JSON) or argilla (record JSON): "
+            "the tools' formats carry the answers and the model's guess as a pre-annotation",
+        ),
+    ] = "jsonl",
     output: Annotated[Path | None, typer.Option(help="file to write (default: stdout)")] = None,
     requested_only: Annotated[bool, typer.Option(help="only items requested for labeling")] = False,
 ) -> None:
     """Every pool item with its text, prediction, scores, counts and request reason."""
-    if export_format != "jsonl":
-        raise UserError(f"unsupported format {export_format!r}; use --format jsonl")
-    rows = PoolRepository(open_database()).export(requested_only=requested_only)
+    if export_format not in ("jsonl", *FORMATS):
+        raise UserError(f"unsupported format {export_format!r}; use --format jsonl, label-studio or argilla")
+    database = open_database()
+    if export_format in FORMATS:  # one JSON array, as the tools import it
+        records = list(LabelExchange(database).export(export_format, requested_only=requested_only))
+        _write(output, json.dumps(records, ensure_ascii=False, indent=1) + "\n")
+        typer.echo(f"exported {len(records)} items as {export_format} to {output or 'stdout'}", err=True)
+        return
+    rows = PoolRepository(database).export(requested_only=requested_only)
     if output is None:
         count = 0
         for row in rows:
@@ -71,6 +86,55 @@ def pool_export(
         Path(tmp_name).unlink(missing_ok=True)
         raise
     typer.echo(f"exported {count} items to {output}", err=True)
+
+
+def _write(output: Path | None, text: str) -> None:
+    if output is None:
+        typer.echo(text, nl=False)
+        return
+    if output.parent and not output.parent.is_dir():
+        raise UserError(f"{output.parent}: no such directory")
+    fd, tmp_name = tempfile.mkstemp(dir=output.parent or Path("."), prefix=f".{output.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as handle:
+            handle.write(text)
+        os.replace(tmp_name, output)  # no half-written file
+    except BaseException:
+        Path(tmp_name).unlink(missing_ok=True)
+        raise
+
+
+@pool_app.command("import")
+@friendly_errors
+def pool_import(
+    path: Annotated[Path, typer.Argument(help="a Label Studio JSON export or an Argilla records JSON file")],
+    import_format: Annotated[str, typer.Option("--format", help="label-studio or argilla")],
+    dry_run: Annotated[bool, typer.Option(help="check the file and count, store nothing")] = False,
+) -> None:
+    """Answers given in Label Studio or Argilla, stored as reviewer answers; a file with one bad record imports
+    nothing. Import into the database the items were exported from."""
+    if import_format not in FORMATS:
+        raise UserError(f"unsupported format {import_format!r}; use --format label-studio or argilla")
+    try:
+        raw = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise UserError(f"{path}: {exc.strerror or exc}") from None
+    except UnicodeDecodeError:
+        raise UserError(f"{path}: not UTF-8 text") from None
+    try:
+        records = json.loads(raw)
+    except json.JSONDecodeError as exc:
+        raise UserError(f"{path}: not JSON ({exc.msg} at line {exc.lineno})") from None
+    try:
+        answers = parse_records(import_format, records)
+        outcome = LabelExchange(open_database()).import_answers(answers, dry_run=dry_run)
+    except ExchangeError as exc:
+        raise UserError(f"{path}: {exc}; nothing imported") from None
+    verb = "would import" if dry_run else "imported"
+    typer.echo(
+        f"{verb} {outcome.new + outcome.corrected} answers for {outcome.items} items from {path} "
+        f"({outcome.new} new, {outcome.corrected} corrected, {outcome.unchanged} unchanged)"
+    )
 
 
 @pool_app.command("purge")

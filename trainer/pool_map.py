@@ -77,14 +77,19 @@ def project(embeddings: np.ndarray, *, seed: int = 0) -> np.ndarray:
     Barnes-Hut t-SNE with a perplexity that small pools can carry."""
     from sklearn.decomposition import PCA
     from sklearn.manifold import TSNE
+    from threadpoolctl import threadpool_limits
 
     n = len(embeddings)
     if n < 3:
         return np.zeros((n, 2)) if n != 2 else np.array([[-1.0, 0.0], [1.0, 0.0]])
-    reduced = PCA(n_components=min(50, n - 1, embeddings.shape[1]), random_state=seed).fit_transform(embeddings)
     perplexity = float(min(30.0, max(2.0, (n - 1) / 3)))
-    tsne = TSNE(n_components=2, perplexity=perplexity, init="pca", random_state=seed, max_iter=500, n_jobs=2)
-    return tsne.fit_transform(reduced)
+    # One thread for BLAS and OpenMP: their worker threads spin while waiting, and on a shared machine (a trainer
+    # beside a cycle, `serve --with-trainer`) two spinning threads made t-SNE of 300 points cost 5.2 s of CPU
+    # instead of 0.4 s (measured here under load).
+    with threadpool_limits(limits=1):
+        reduced = PCA(n_components=min(50, n - 1, embeddings.shape[1]), random_state=seed).fit_transform(embeddings)
+        tsne = TSNE(n_components=2, perplexity=perplexity, init="pca", random_state=seed, max_iter=500, n_jobs=1)
+        return tsne.fit_transform(reduced)
 
 
 def class_shares(labels: Sequence[str], seen: Sequence[datetime], *, max_bins: int = 24) -> tuple[list, np.ndarray]:

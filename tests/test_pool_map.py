@@ -1,5 +1,6 @@
 """The pool map: `guardloop pool map --output FILE.png` on a small real pool (real t-SNE, real matplotlib), its
-operator errors, and the service's /ops page serving the map the trainer drew (GET /admin/ops/pool-map.png).
+operator errors, and the service's /ops page serving the map the trainer drew (GET /admin/ops/pool-map.png), in
+Chromium too.
 
 The embedder is synthetic (tests/test_drift.TopicEmbedder): the real MiniLM one needs a ~15 s ONNX export into a
 fresh cache; projection and drawing, what the map is made of, are the real ones.
@@ -32,7 +33,7 @@ from guardloop.storage import (
     ReviewRepository,
     upgrade_database,
 )
-from tests.conftest import ADMIN_TOKEN
+from tests.conftest import ADMIN_TOKEN, live_server, unavailable
 from tests.test_drift import TOPICS, TopicEmbedder
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -139,3 +140,37 @@ def test_the_service_serves_the_map_the_trainer_drew(settings: Settings, pool_db
         assert served.status_code == 200 and served.headers["content-type"] == "image/png"
         assert served.content.startswith(PNG_MAGIC) and served.headers["cache-control"] == "no-store"
     assert settings.pool_map_path.parent == settings.registry_dir / ".ops"  # the volume both processes see
+
+
+def test_the_ops_page_shows_the_map_in_chromium(settings: Settings, pool_db):
+    """The page's script really runs: a wrong token is refused and forgotten, the right one shows the image (a blob
+    URL the Content-Security-Policy allows), and no console error appears."""
+    from tests.test_review_page import CHROMIUM
+
+    if not Path(CHROMIUM).exists():
+        unavailable("Chromium", f"{CHROMIUM} not installed (apt-get install chromium)")
+    from playwright.sync_api import sync_playwright
+
+    _, database = pool_db
+    fill(database)
+    draw(gather(database, limit=60), np.random.default_rng(0).normal(size=(60, 2)), settings.pool_map_path)
+    with live_server(settings) as base, sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox", "--disable-gpu"])
+        try:
+            page = browser.new_page()
+            errors: list[str] = []
+            page.on("console", lambda message: errors.append(message.text) if message.type == "error" else None)
+            page.goto(f"{base}/ops")
+            page.get_by_label("Admin token").fill("wrong-token")
+            page.keyboard.press("Enter")
+            page.wait_for_function("document.getElementById('status').textContent.includes('admin token')")
+            assert page.evaluate("sessionStorage.getItem('guardloop.adminToken')") is None
+            errors.clear()  # the browser logs the refused fetch (403) as an error: that one was the point
+            page.get_by_label("Admin token").fill(ADMIN_TOKEN)
+            page.keyboard.press("Enter")
+            page.wait_for_selector("body[data-state=ready]")
+            page.wait_for_function("document.getElementById('map').naturalWidth > 1000")
+            assert page.evaluate("document.getElementById('map').src").startswith("blob:")
+            assert errors == []
+        finally:
+            browser.close()

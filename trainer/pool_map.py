@@ -5,8 +5,8 @@ check into the ops directory, where the service shows it at /ops (the service im
 
 t-SNE (scikit-learn, already a dependency of the train extra) rather than UMAP: umap-learn would add numba and
 llvmlite to the trainer image and JIT-compile on each fresh pod, and for 5,000 points t-SNE after a 50-d PCA is
-well within the minute (README, "Monitoring drift"). The projection only has to show neighbourhoods: distances
-between far-apart clusters mean nothing in either.
+well within the minute (README, "Drift, label-free estimates and the pool map"). The projection only has to show
+neighbourhoods: distances between far-apart clusters mean nothing in either.
 """
 
 from __future__ import annotations

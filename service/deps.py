@@ -15,21 +15,19 @@ from guardloop.core.settings import Settings
 from guardloop.storage import Database, StorageError
 
 
-# The lookups below are `async def` although they never wait: FastAPI runs a plain `def` dependency in a worker
-# thread, and those hand-offs (and the GIL contention they cause) were the largest cost of a /classify request.
-async def get_settings(request: Request) -> Settings:
+def get_settings(request: Request) -> Settings:
     return request.app.state.settings
 
 
-async def get_holder(request: Request) -> ModelHolder:
+def get_holder(request: Request) -> ModelHolder:
     return request.app.state.holder
 
 
-async def get_batcher(request: Request) -> MicroBatcher:
+def get_batcher(request: Request) -> MicroBatcher:
     return request.app.state.batcher
 
 
-async def get_guidelines(request: Request) -> GuidelineStore:
+def get_guidelines(request: Request) -> GuidelineStore:
     return request.app.state.guidelines
 
 
@@ -43,7 +41,7 @@ def get_database(request: Request) -> Database:
     return database
 
 
-async def get_pool_logger(request: Request) -> PoolLogger | None:
+def get_pool_logger(request: Request) -> PoolLogger | None:
     return getattr(request.app.state, "pool", None)
 
 

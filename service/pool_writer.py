@@ -43,8 +43,6 @@ MAX_CLIENT_ID_CHARS = 64
 # Review-band texts are requested at this priority plus how far into the band they are (0-1): above every cycle's
 # request (priority = uncertainty, 0-1), so reviewers see a tenant's borderline traffic first.
 REVIEW_BAND_PRIORITY = 1.0
-# How often a writer that holds part of a batch looks for more records (at most this late for a full batch).
-COLLECT_NAP_SECONDS = 0.05
 
 
 def top_two_margin(scores: dict[str, float]) -> float:
@@ -215,31 +213,21 @@ class PoolWriter:
             backoff = self._retry_initial
 
     def _collect(self) -> list[PoolRecord]:
-        """Up to batch_size records: wait for the first, then gather until the batch is full or flush time is up.
-
-        After the first record the thread naps and drains instead of waiting on the queue: a thread blocked in
-        `get` is woken by every `put`, and those wake-ups (each a GIL hand-off) cost the event loop more than the
-        writes themselves under load.
-        """
+        """Up to batch_size records: wait for the first, then gather until the batch is full or flush time is up."""
         try:
             first = self._queue.get(timeout=0.1 if not self._stop.is_set() else 0.0)
         except queue.Empty:
             return []
         batch = [first]
         deadline = time.monotonic() + (0.0 if self._stop.is_set() else self._flush_seconds)
-        while True:
-            self._drain_into(batch)
-            remaining = deadline - time.monotonic()
-            if len(batch) >= self._batch_size or remaining <= 0 or self._stop.is_set():
-                return batch
-            self._stop.wait(min(remaining, COLLECT_NAP_SECONDS))
-
-    def _drain_into(self, batch: list[PoolRecord]) -> None:
         while len(batch) < self._batch_size:
+            remaining = deadline - time.monotonic()
             try:
-                batch.append(self._queue.get_nowait())
+                batch.append(self._queue.get(timeout=remaining) if remaining > 0 else self._queue.get_nowait())
             except queue.Empty:
-                return
+                if remaining <= 0 or self._stop.is_set():
+                    break
+        return batch
 
     def _write_one_by_one(self) -> None:
         """A batch keeps failing for a reason other than an outage: store what can be stored, drop the rest."""

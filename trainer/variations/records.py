@@ -11,7 +11,15 @@ log = logging.getLogger(__name__)
 
 # The reasons the verifier (verifier.py) counts in VariationResult.filtered, besides hygiene's.
 VERIFIER_REASONS = frozenset(
-    {"copied_example", "injected_source", "drifted", "judge_disagrees", "teacher_disagrees", "unverified"}
+    {
+        "copied_example",
+        "injected_source",
+        "not_first_person",
+        "drifted",
+        "judge_disagrees",
+        "teacher_disagrees",
+        "unverified",
+    }
 )
 
 

@@ -7,6 +7,9 @@ confidently puts elsewhere, which is rarely (a young model is seldom confident).
 - `copied_example`: a near-copy of any of the prompt's own few-shot texts (small LLMs echo them);
 - `injected_source`: every rewrite of a text that carries instructions to the model ("you are now a pirate",
   "ignore the above"): what comes back may follow them instead of rewriting them, and nothing here can tell;
+- `not_first_person`: a self-harm rewrite that no longer speaks in the first person while its source does: the
+  class is "the writer talks about hurting or killing themselves", and SmolLM2 often turns it into advice to
+  "you" or talk about "them" (in the hand-labeled sample every label-true self-harm rewrite said I/me/my);
 - `drifted`: a rewrite whose sentence embedding is far from its original's (it answers the post, follows an
   instruction, or talks about something else);
 - `judge_disagrees`: the LLM, asked a constrained six-way label question about the rewrite alone (judge.py),
@@ -20,6 +23,7 @@ Each check is optional and fails closed: a check that cannot run rejects the rew
 
 from __future__ import annotations
 
+import difflib
 import logging
 import re
 from collections import Counter
@@ -29,7 +33,7 @@ from pathlib import Path
 from typing import Protocol
 
 import numpy as np
-from guardloop.trainer.variations.hygiene import normalize_for_comparison, similarity
+from guardloop.trainer.variations.hygiene import normalize_for_comparison
 from guardloop.trainer.variations.prompt import FEW_SHOT
 
 from guardloop.core.labels import LABELS, label_index
@@ -61,6 +65,9 @@ _INSTRUCTION = re.compile(
 )
 
 
+_FIRST_PERSON = re.compile(r"\b(?:i|i'm|im|i've|i'd|i'll|me|my|myself|mine)\b", re.IGNORECASE)
+
+
 def lazy_embedder(cache_dir: Path) -> Embed:
     """The cycle's sentence embedder (all-MiniLM-L6-v2, cached in `cache_dir`), loaded on first use only: a run
     whose LLM writes nothing never loads (or exports) it."""
@@ -81,6 +88,17 @@ def carries_instructions(text: str) -> bool:
     return _INSTRUCTION.search(text) is not None
 
 
+def _near_copy(text: str, tokens: set[str], example: str, example_tokens: set[str], threshold: float) -> bool:
+    """hygiene.similarity(text, example) >= threshold, with difflib's cheap upper bounds tried first."""
+    union = tokens | example_tokens
+    if union and len(tokens & example_tokens) / len(union) >= threshold:
+        return True
+    matcher = difflib.SequenceMatcher(None, text, example, autojunk=False)
+    return (
+        matcher.real_quick_ratio() >= threshold and matcher.quick_ratio() >= threshold and matcher.ratio() >= threshold
+    )
+
+
 def few_shot_texts() -> list[str]:
     """Every text the variations prompt shows the LLM as an example, normalized for comparison."""
     texts = [original for original, _ in FEW_SHOT.values()]
@@ -91,10 +109,12 @@ def few_shot_texts() -> list[str]:
 @dataclass(frozen=True)
 class VerifierConfig:
     example_copy: float = 0.75  # similarity (hygiene.similarity) to a few-shot text at or above: a copy
-    # Embedding (all-MiniLM-L6-v2) cosine to the original below this: drifted. Chosen on 200 hand-labeled
-    # SmolLM2 variations (docs/variations-hand-labeled.jsonl): off-label ones averaged 0.30, label-true 0.51.
-    min_source_cosine: float = 0.45
+    # Embedding (all-MiniLM-L6-v2) cosine to the original below this: drifted. Chosen on the 366 hand-labeled
+    # SmolLM2 variations of docs/variations-hand-labeled.jsonl: off-label ones average 0.30, label-true 0.51;
+    # with the judge, 0.45 kept 12 off-label of 124 (9.7%), 0.5 kept 8 of 110 (7.3%).
+    min_source_cosine: float = 0.5
     teacher_threshold: float = 0.5  # the teacher's top class elsewhere with at least this probability: rejected
+    first_person_labels: tuple[str, ...] = ("self-harm",)  # classes whose rewrites must keep the writer's "I"
     reject_injected: bool = True
 
 
@@ -113,7 +133,7 @@ class Verifier:
         self.judge = judge
         self.embed = embed
         self.teacher = teacher
-        self._examples = few_shot_texts()
+        self._examples = [(text, set(text.split())) for text in few_shot_texts()]
 
     def verify(self, source: str, label: str, candidates: Sequence[str]) -> tuple[list[str], Counter[str]]:
         """The candidates that pass every check, in order, and the count rejected per reason."""
@@ -128,9 +148,12 @@ class Verifier:
             return reasons
         if self.config.reject_injected and carries_instructions(source):
             return ["injected_source"] * len(candidates)
+        personal = label in self.config.first_person_labels and _FIRST_PERSON.search(source) is not None
         for i, text in enumerate(candidates):
             if self._copies_an_example(text):
                 reasons[i] = "copied_example"
+            elif personal and _FIRST_PERSON.search(text) is None:
+                reasons[i] = "not_first_person"
         for reason, check in (
             ("drifted", lambda texts: self._drifted(source, texts)),
             ("judge_disagrees", lambda texts: self._judge_disagrees(source, label, texts)),
@@ -151,7 +174,9 @@ class Verifier:
 
     def _copies_an_example(self, text: str) -> bool:
         normalized = normalize_for_comparison(text)
-        return any(similarity(normalized, example) >= self.config.example_copy for example in self._examples)
+        tokens = set(normalized.split())
+        threshold = self.config.example_copy
+        return any(_near_copy(normalized, tokens, example, words, threshold) for example, words in self._examples)
 
     def _drifted(self, source: str, texts: list[str]) -> list[bool]:
         if self.embed is None:

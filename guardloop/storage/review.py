@@ -5,7 +5,6 @@ labels the trainer reads."""
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Sequence
 from datetime import datetime
 from typing import Any
 
@@ -29,6 +28,7 @@ from guardloop.storage.review_records import (
     NotRequested,
     ReviewStats,
 )
+from guardloop.storage.settle import first_answers_of, settle
 from guardloop.storage.tables import ADJUDICATION, NON_LABELS, REVIEW, Label, PoolItem, utcnow
 
 # Second opinions: an item is picked when (id * _SPREAD) % _BUCKETS falls below share * _BUCKETS. The constant is
@@ -66,7 +66,7 @@ class ReviewRepository:
     def __init__(self, database: Database, *, labels_per_item: int = 1, second_opinion_share: float = 0.0) -> None:
         """`second_opinion_share` (only with one label per item): that share of items stays in the queue for one
         other reviewer after its first label, so reviewer agreement can always be measured; the first label still
-        settles the item (see _settle), the second one only measures."""
+        settles the item (see settle.py), the second one only measures."""
         if labels_per_item < 1:
             raise ValueError("labels_per_item must be at least 1")
         if not 0.0 <= second_opinion_share <= 1.0:
@@ -275,13 +275,13 @@ class ReviewRepository:
                 .where(Label.active.is_(True), Label.label.in_(LABELS), PoolItem.requested_at.is_not(None))
                 .order_by(Label.item_id, Label.id)
             ).all()
-            first_answers = self._first_answers(session)
+            first_answers = first_answers_of(session)
         by_item: dict[int, tuple[PoolItem, list[Label]]] = {}
         for label, item in rows:
             by_item.setdefault(item.id, (item, []))[1].append(label)
         finals = []
         for item, labels in by_item.values():
-            final = self._settle(item, labels, first_answers)
+            final = settle(item, labels, first_answers, self.labels_per_item)
             if final is None:
                 continue
             if since is not None and final.labeled_at <= since:
@@ -290,71 +290,6 @@ class ReviewRepository:
                 continue
             finals.append(final)
         return sorted(finals, key=lambda f: (f.labeled_at, f.item_id))
-
-    @staticmethod
-    def _first_answers(session: Session) -> dict[tuple[int, str], int]:
-        """(item, reviewer) -> id of the reviewer's first answer to the item, retired rows included: who answered
-        first stays first through corrections, so a second opinion never takes over an item's label."""
-        rows = session.execute(
-            select(Label.item_id, Label.reviewer, func.min(Label.id))
-            .where(Label.kind == REVIEW)
-            .group_by(Label.item_id, Label.reviewer)
-        ).all()
-        return {(item_id, reviewer): first for item_id, reviewer, first in rows}
-
-    def _settle(
-        self, item: PoolItem, labels: Sequence[Label], first_answers: dict[tuple[int, str], int]
-    ) -> FinalLabel | None:
-        adjudications = [label for label in labels if label.kind == ADJUDICATION]
-        reviews = sorted(
-            (label for label in labels if label.kind == REVIEW),
-            key=lambda label: first_answers.get((item.id, label.reviewer), label.id),
-        )  # in the order the reviewers first answered
-        checked = bool(adjudications) or len(reviews) > 1
-        if item.suspected_at is not None and not adjudications:
-            # A doubted label: withheld until a second reviewer answers; then that answer settles the item.
-            if len(reviews) < 2:
-                return None
-            second = reviews[1]
-            return FinalLabel(
-                item_id=item.id,
-                text=item.text,
-                label=second.label,
-                predicted=item.label,
-                reviewers=[reviews[0].reviewer, second.reviewer],
-                labeled_at=second.created_at,
-                adjudicated=False,
-                request_reason=item.request_reason,
-                checked=True,
-            )
-        if self.labels_per_item == 1 and len(reviews) > 1:  # a second opinion: the first reviewer's label decides
-            reviews = reviews[:1]
-        if adjudications:
-            decided = adjudications[-1]
-            return FinalLabel(
-                item_id=item.id,
-                text=item.text,
-                label=decided.label,
-                predicted=item.label,
-                reviewers=[label.reviewer for label in reviews] + [decided.reviewer],
-                labeled_at=decided.created_at,
-                adjudicated=True,
-                request_reason=item.request_reason,
-                checked=True,
-            )
-        if len(reviews) < self.labels_per_item or len({label.label for label in reviews}) != 1:
-            return None
-        return FinalLabel(
-            item_id=item.id,
-            text=item.text,
-            label=reviews[0].label,
-            predicted=item.label,
-            reviewers=[label.reviewer for label in reviews],
-            labeled_at=max(label.created_at for label in reviews),
-            adjudicated=False,
-            request_reason=item.request_reason,
-            checked=checked,
-        )
 
     def my_label_count(self, reviewer: str) -> int:
         """`reviewer`'s live labels (skips and unsure not counted): cheap, for every page refresh."""

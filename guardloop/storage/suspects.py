@@ -2,7 +2,7 @@
 
 The trainer marks them here before it trains (trainer/label_check.py finds them). A marked item leaves the
 training set and goes back to the review queue for one other reviewer (review.py: the queue wants a second label
-for it, and _settle withholds it until that label is in); the second reviewer's answer then settles it and it
+for it, and settle.py withholds it until that label is in); the second reviewer's answer then settles it and it
 trains in the next cycle. Marking never touches the labels themselves: the first answer stays in the history.
 """
 

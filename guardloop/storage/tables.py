@@ -92,7 +92,7 @@ class PoolItem(Base):
     request_reason: Mapped[dict[str, Any] | None] = mapped_column(JSON)  # strategy, cluster, uncertainty, cycle_id
     priority: Mapped[float] = mapped_column(Float, default=0.0)
     # Set by the trainer's label check when it doubts the item's settled label: the label is withheld from
-    # training and the item waits for a second reviewer, whose answer then settles it (review.py, _settle).
+    # training and the item waits for a second reviewer, whose answer then settles it (settle.py).
     suspected_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
     suspicion: Mapped[dict[str, Any] | None] = mapped_column(JSON)  # given, suggested, quality, cycle_id
 

@@ -160,17 +160,18 @@ class PolicyStore:
             try:
                 policies = read_policies(self.path, self.known_clients)
             except PolicyError as exc:
-                self.refused = RefusedPolicy(str(self.path), str(exc), datetime.now(UTC))
-                telemetry.record_policy_refused()
                 log.error("refused policy file: %s (still deciding with version %s)", exc, self._current.version)
+                telemetry.record_policy_refused()
+                # Last: whoever sees the refusal also sees its log line and metric.
+                self.refused = RefusedPolicy(str(self.path), str(exc), datetime.now(UTC))
                 return False
             previous = self._current.version
-            self._current = policies
             # Libraries the new file names are watched from now on.
             self._signature = (signature[0], *map(_stat, policies.library_files))
             self.refused = None
             self._loaded(policies)
             log.info("policy %s loaded from %s (was %s)", policies.version, self.path, previous)
+            self._current = policies  # last: whoever sees the new version also sees its metrics and no refusal
             return True
 
 

@@ -291,8 +291,8 @@ class PoolLogger:
         for i, (text, verdict) in enumerate(zip(texts, verdicts, strict=True)):
             margin = top_two_margin(verdict.scores)
             decision = decisions[i] if decisions is not None else None
-            in_band = decision is not None and policy is not None and bool(decision.review_categories)
-            sampled_by = REVIEW_BAND if in_band else self.sampler.choose(verdict.uncertainty, margin)
+            band = decision if decision is not None and decision.review_categories else None
+            sampled_by = REVIEW_BAND if band else self.sampler.choose(verdict.uncertainty, margin)
             if sampled_by is None:
                 continue
             now = now or datetime.now(UTC)
@@ -307,13 +307,14 @@ class PoolLogger:
                 client_id=client_id[:MAX_CLIENT_ID_CHARS] if client_id else None,
                 seen_at=now,
                 tenant=policy.name if policy is not None else None,
-                review_reason=_band_reason(decision, policy) if in_band else None,  # type: ignore[arg-type]
-                priority=REVIEW_BAND_PRIORITY + decision.closeness if in_band else 0.0,  # type: ignore[union-attr]
+                review_reason=_band_reason(band, policy) if band else None,
+                priority=REVIEW_BAND_PRIORITY + band.closeness if band else 0.0,
             )
             queued += self.writer.offer(record)
         return queued
 
 
-def _band_reason(decision: Decision, policy: AppliedPolicy) -> dict[str, object]:
+def _band_reason(decision: Decision, policy: AppliedPolicy | None) -> dict[str, object]:
     # No tenant name: reviewers are not told whose traffic it is (the pool row keeps it for calibration).
-    return {"strategy": REVIEW_BAND, "categories": list(decision.review_categories), "policy_version": policy.version}
+    version = policy.version if policy is not None else None
+    return {"strategy": REVIEW_BAND, "categories": list(decision.review_categories), "policy_version": version}

@@ -101,9 +101,6 @@ class Classification(BaseModel):
     )
 
 
-Decision = Literal["allow", "review", "block"]
-
-
 class ClassifyResponse(BaseModel):
     model_config = ConfigDict(
         json_schema_extra={

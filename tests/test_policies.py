@@ -408,3 +408,18 @@ def test_serve_refuses_a_broken_policy_file_in_one_line(tmp_path):
     lines = [line for line in result.output.splitlines() if line.strip()]
     assert len(lines) == 1 and lines[0].startswith(f"error: GUARDLOOP_POLICY_PATH: {path}: tenants.kids.ignore")
     assert not (tmp_path / "registry").exists()
+
+
+def test_bench_policy_prints_the_per_text_cost_beside_the_forward_pass(tmp_path, tenant_settings):
+    env = {"GUARDLOOP_REGISTRY_DIR": str(tenant_settings.registry_dir), "GUARDLOOP_DATA_DIR": str(tmp_path / "d")}
+    policy = str(tenant_settings.policy_path)
+    result = CliRunner().invoke(app_cli(), ["bench", "policy", "--policy", policy, "--repeats", "2"], env=env)
+    assert result.exit_code == 0, result.output
+    assert "forward pass of one text" in result.stdout
+    rows = [line for line in result.stdout.splitlines() if line.startswith(("no policy file", "policy.yaml"))]
+    assert [row.split("  ")[0] for row in rows] == [
+        "no policy file (default, today's rule)",
+        "policy.yaml: default",
+        "policy.yaml: tenant kids",
+        "policy.yaml: tenant bank",
+    ]

@@ -195,6 +195,21 @@ def bench_neighbours(
         raise typer.Exit(1)
 
 
+@bench_app.command("policy")
+@friendly_errors
+def bench_policy(
+    policy: Annotated[Path | None, typer.Option(help="policy file (default: settings' policy_path)")] = None,
+    repeats: Annotated[int, typer.Option(min=1, help="passes over the texts; the median pass is reported")] = 50,
+) -> None:
+    """What a tenant policy adds per classified text (tenant lookup, decision, metrics), beside the forward pass."""
+    from guardloop.bench.policy_cost import run_policy_bench
+
+    settings = load_settings()
+    run_policy_bench(
+        settings.registry_dir, policy or settings.policy_path, repeats=repeats, max_seq_len=settings.max_seq_len
+    )
+
+
 @bench_app.command("label-check")
 @friendly_errors
 def bench_label_check(

@@ -40,6 +40,8 @@ from guardloop.storage.rollout_tallies import Disagreement, RolloutRepository
 
 log = logging.getLogger(__name__)
 
+MAX_PENDING_DISAGREEMENTS = 1000  # per candidate between two checks
+
 
 def replica_name() -> str:
     """Unique per process: tally rows are owned by one process, so a restarted pod starts a row of its own."""
@@ -71,12 +73,14 @@ class RolloutMonitor:
         self.shadow = ShadowScorer(
             share=settings.shadow_share,
             queue_size=settings.shadow_queue_size,
-            busy=lambda: stable.pending_tokens > 0,
+            busy=self.busy,
             on_disagreements=self._queue_for_review,
             seed=settings.seed,
         )
         self._canary_counts: dict[tuple[str, str], dict[str, Any]] = {}  # (candidate, stage key) -> counts
         self._lock = threading.Lock()
+        self._in_flight = 0  # requests between predict's start and end (the batcher's queue omits the running pass)
+        self._disagreements: dict[str, list[Disagreement]] = {}  # candidate -> waiting for the next check
         self.halt_reasons: dict[str, str] = {}  # candidate -> why it was halted (for /models/current)
 
     def start(self) -> None:
@@ -89,8 +93,19 @@ class RolloutMonitor:
         await asyncio.to_thread(self.shadow.stop)
 
     # ------------------------------------------------------------------ the request path
+    def busy(self) -> bool:
+        """Whether a request is being classified or waits to be: then the shadow leaves the cores alone."""
+        return self._in_flight > 0 or self.stable.pending_tokens > 0
+
     async def predict(self, canonical: list[str], client: str) -> tuple[np.ndarray, Any]:
         """Probabilities and the model that produced them: the canary for its share of clients, else the stable."""
+        self._in_flight += 1  # only the event loop changes it
+        try:
+            return await self._predict(canonical, client)
+        finally:
+            self._in_flight -= 1
+
+    async def _predict(self, canonical: list[str], client: str) -> tuple[np.ndarray, Any]:
         state, canary = self.holder.rollout, self.holder.canary
         in_canary = canary is not None and state is not None and routed_to_canary(state, client)
         if in_canary:
@@ -138,23 +153,34 @@ class RolloutMonitor:
 
     # ------------------------------------------------------------------ the shadow thread
     def _queue_for_review(self, candidate: str, disagreements: list[Disagreement]) -> None:
+        """Keep them for the next check, which writes them in one transaction (a database write per shadow batch
+        would cost the request path GIL time); beyond MAX_PENDING_DISAGREEMENTS they are dropped."""
         if self.pool is None:
             return  # pool logging is off: texts are not stored, not even disagreements
-        try:
-            self.repository.queue_disagreements(
-                self.pool,
-                candidate,
-                disagreements,
-                priority=self.settings.shadow_review_priority,
-                at=datetime.now(UTC),
-            )
-        except Exception as exc:  # the database may be down: later disagreements try again
-            log.warning("shadow disagreements not queued for review: %s", exc)
+        with self._lock:
+            pending = self._disagreements.setdefault(candidate, [])
+            pending.extend(disagreements[: max(0, MAX_PENDING_DISAGREEMENTS - len(pending))])
+
+    def _flush_disagreements(self) -> None:
+        with self._lock:
+            pending, self._disagreements = self._disagreements, {}
+        for candidate, disagreements in pending.items():
+            try:
+                self.repository.queue_disagreements(
+                    self.pool,  # type: ignore[arg-type]  (nothing is pending without a pool)
+                    candidate,
+                    disagreements,
+                    priority=self.settings.shadow_review_priority,
+                    at=datetime.now(UTC),
+                )
+            except Exception as exc:  # the database may be down: these are lost, later ones try again
+                log.warning("%d shadow disagreements not queued for review: %s", len(disagreements), exc)
 
     # ------------------------------------------------------------------ the periodic check
     def check(self) -> str | None:
         """Store this replica's tallies, judge the canary over all replicas, obey any halt. Returns the halt's
         reason when the candidate is halted (by this replica or another). Runs in a worker thread."""
+        self._flush_disagreements()
         for candidate, counts in self.shadow.counts().items():
             self.repository.save_tally(candidate, "shadow", self.replica, counts)
         with self._lock:

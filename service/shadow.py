@@ -2,14 +2,16 @@
 path, and where the two disagree the text goes to the reviewers first.
 
 A request only offers its texts (`offer`: a random draw and a put into a bounded queue, never a wait); one daemon
-thread scores them with the shadow model and compares. When the queue is full, or the service has work waiting
-for its own model, the texts are dropped and counted: the shadow never takes a forward pass from a request.
+thread, at the lowest CPU priority, scores them with the shadow model and compares. When the queue is full, or the
+service has work waiting for its own model (when offered or when its turn comes), the texts are dropped and
+counted: the shadow takes the cores only while no request waits for them.
 Counts per candidate are cumulative; the roll-out monitor stores them in the database (service/rollout_monitor.py).
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import queue
 import random
 import threading
@@ -113,11 +115,15 @@ class ShadowScorer:
 
     # ------------------------------------------------------------------ the shadow thread
     def _run(self) -> None:
+        _lowest_cpu_priority()
         while True:
             job = self._queue.get()
             try:
                 if job is None:
                     return
+                if self._busy():  # requests arrived meanwhile: they have the cores, this copy is dropped
+                    self._dropped(job.shadow.version, len(job.texts))
+                    continue
                 self._score(job)
             except Exception:  # one failing job must not end shadow scoring
                 log.exception("shadow scoring of %d texts failed", len(job.texts) if job else 0)
@@ -153,6 +159,16 @@ class ShadowScorer:
                     disagreements.append(Disagreement(_record(text, serving, job, now), shadow.label))
         if disagreements and self._on_disagreements is not None:
             self._on_disagreements(job.shadow.version, disagreements)
+
+
+def _lowest_cpu_priority() -> None:
+    """Nice 19 for this thread only (Linux schedules threads alone): with intra-op threads at 1, ONNX Runtime runs
+    the shadow's forward pass in this thread, so the serving threads get the cores first. Not SCHED_IDLE: a thread
+    that never runs while the machine is busy could be preempted holding the GIL and stall every request."""
+    try:
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 19)
+    except (AttributeError, OSError) as exc:  # not Linux, or not allowed: the shadow still only takes idle turns
+        log.info("shadow thread keeps its priority (%s)", exc)
 
 
 def _record(text: str, verdict: Verdict, job: _Job, now: datetime) -> PoolRecord:

@@ -160,8 +160,9 @@ def test_a_shadow_that_disagrees_on_one_class_stays_in_shadow_and_its_disagreeme
     counts = tallies.totals(candidate, "shadow")
     moved = counts["per_class"]["self-harm"]["disagreed"]
     assert counts["disagreed"] == moved > len(TEXTS) * 0.1  # every disagreement is about self-harm
-    queue = ReviewRepository(fleet.database).queue("alice", limit=100)
-    assert len(queue) == moved
+    reviews = ReviewRepository(fleet.database)
+    assert wait_for(lambda: len(reviews.queue("alice", limit=100)) == moved, timeout=10)  # at the next check
+    queue = reviews.queue("alice", limit=100)
     assert {(item.request_reason["shadow"], item.request_reason["shadow_label"], item.priority) for item in queue} == {
         (candidate, "self-harm", fleet.settings.shadow_review_priority)
     }

@@ -120,6 +120,9 @@ def start_infinity(command: Path, model_dir: Path, port: int, *, batch_size: int
         str(port),
         "--log-level",
         "warning",
+        # Its warm-up sends texts longer than the model's 512 positions (its pipeline does not truncate) and fails;
+        # the benchmark warms every connection itself.
+        "--no-model-warmup",
     ]
     log_path = log_dir / "infinity.log"
     with log_path.open("wb") as log_file:

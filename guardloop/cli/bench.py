@@ -35,7 +35,7 @@ def bench_classify(
 @friendly_errors
 def bench_peer(
     peer: Annotated[str, typer.Option(help="the dedicated inference server to compare with")] = "infinity",
-    seconds: Annotated[float, typer.Option(min=2, help="length of each measured phase")] = 10,
+    seconds: Annotated[float, typer.Option(min=2, help="seconds per figure per server, in 2 s turns")] = 10,
     registry_dir: Annotated[Path | None, typer.Option(help="whose current model to serve (default: settings)")] = None,
     peer_venv: Annotated[
         Path | None, typer.Option(help="the peer's own virtual environment, created on first use")

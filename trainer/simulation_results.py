@@ -163,7 +163,8 @@ def summary_table(rows: Sequence[dict[str, Any]]) -> list[str]:
             f"{100 * row['eval_macro_f1']:>8.1f}{100 * row['eval_macro_f1_sd']:>6.1f}"
             f"{_percent(critical, 9)}{_percent(row.get('rejected_share'), 10)}"
         )
-    lines += ["", f"{head}{'labels + variations per class':<41}  eval F1 per class (%)", f"{head}{labels}  {labels}"]
+    groups = f"{' ' * len(head)}{'labels + variations per class':<41}  eval F1 per class (%)"
+    lines += ["", groups, f"{head}{labels}  {labels}"]
     for row in rows:
         with_variations = row.get("acquired_with_variations", {})
         counts = " ".join(_number(with_variations.get(label), 6) for label in LABELS)

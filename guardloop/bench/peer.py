@@ -278,7 +278,13 @@ def run_peer_bench(
     if version is None:
         raise UserError(f"no current model in {registry_dir}; train one (guardloop train) or pass --registry-dir")
     version_dir = registry.path(version)
-    command = ensure_venv(peer_venv, echo)  # before any measurement: an install must not overlap one
+    # Before any measurement (an install must not overlap one). A peer that cannot be had is said, and the rest
+    # is still measured.
+    command, problem = None, None
+    try:
+        command = ensure_venv(peer_venv, echo)
+    except UserError as exc:
+        problem = str(exc)
     texts = bench_texts()
     echo(
         f"model {version}; {seconds:.0f} s per figure, in {SLICE_SECONDS:.0f} s turns; "
@@ -307,18 +313,25 @@ def run_peer_bench(
         ours = Server(
             "guardloop", service.url, service.process.pid, _guardloop_bodies(texts), time.perf_counter() - started
         )
+        theirs, process = None, None
         try:
-            model_dir = hf_model_dir(version_dir, tmp / "peer-model")
-            started = time.perf_counter()
-            process = start_infinity(command, model_dir, free_port(), batch_size=BATCH, log_dir=tmp)
-            theirs = Server(
-                "infinity", process.url, process.process.pid, _peer_bodies(texts), time.perf_counter() - started
-            )
-            try:
-                measure(raw, [ours, theirs], seconds, echo)
-            finally:
-                process.stop()
+            if command is not None:
+                started = time.perf_counter()
+                try:
+                    model_dir = hf_model_dir(version_dir, tmp / "peer-model")
+                    process = start_infinity(command, model_dir, free_port(), batch_size=BATCH, log_dir=tmp)
+                except UserError as exc:
+                    problem = str(exc)
+                else:
+                    theirs = Server(
+                        "infinity", process.url, process.process.pid, _peer_bodies(texts), time.perf_counter() - started
+                    )
+            if problem:
+                echo(f"the peer is left out: {problem}")
+            measure(raw, [ours] if theirs is None else [ours, theirs], seconds, echo)
         finally:
+            if process is not None:
+                process.stop()
             service.stop()
 
     ref = None
@@ -341,7 +354,7 @@ def _peer_bodies(texts: list[str]) -> list[bytes]:
 def report(
     raw: RawFigures,
     ours: Server,
-    theirs: Server,
+    theirs: Server | None,
     ref: tuple[float, float, float] | None,
     echo: Callable[[str], None],
 ) -> None:
@@ -352,7 +365,7 @@ def report(
         f"{'RSS MB':>8}{'ready s':>8}"
     )
     echo(f"{'':<30}{'(c=1)':>8}{'(c=1)':>8}{f'(c={c_lo})':>9}{f'(c={c_lo})':>8}{f'(c={c_hi})':>9}{f'(c={c_hi})':>8}")
-    for row in (ours, theirs):
+    for row in (ours,) if theirs is None else (ours, theirs):
         lo, hi = row.served[c_lo], row.served[c_hi]
         echo(
             f"{row.name:<30}{percentile(row.latencies_ms, 50):>8.2f}{percentile(row.latencies_ms, 99):>8.2f}"
@@ -368,25 +381,26 @@ def report(
         f"raw ONNX: one text {raw.forward_p50_ms:.2f} ms; batches of {BATCH}: {raw.one_thread:.0f} texts/s on one "
         f"thread, {raw.two_threads:.0f} on two"
     )
-    ours_lo, theirs_lo = ours.served[c_lo], theirs.served[c_lo]
-    ours_p50, theirs_p50 = percentile(ours.latencies_ms, 50), percentile(theirs.latencies_ms, 50)
+    ours_lo, ours_p50 = ours.served[c_lo], percentile(ours.latencies_ms, 50)
     echo(
         f"guardloop c={c_lo}: {ours_lo.rate / raw.two_threads:.0%} of the raw two-thread figure (target >= 75%), "
         f"p99 {percentile(ours_lo.latencies_ms, 99):.1f} ms (target < 60)"
     )
     echo(f"guardloop c=1: p50 {ours_p50 / raw.forward_p50_ms:.2f}x the raw forward pass (target <= 1.7x)")
     efficiency = ours_lo.per_cpu_second / raw.per_cpu_second
+    peer = f", infinity {theirs.served[c_lo].per_cpu_second:.0f}" if theirs is not None else ""
     echo(
         f"texts per CPU-second at c={c_lo} (whole server process, every thread; less skewed by other jobs than "
-        f"texts/s): guardloop {ours_lo.per_cpu_second:.0f}, infinity {theirs_lo.per_cpu_second:.0f}; raw ONNX in "
-        f"batches of {BATCH} {raw.per_cpu_second:.0f} (guardloop / raw: {efficiency:.0%})"
+        f"texts/s): guardloop {ours_lo.per_cpu_second:.0f}{peer}; raw ONNX in batches of {BATCH} "
+        f"{raw.per_cpu_second:.0f} (guardloop / raw: {efficiency:.0%})"
     )
+    echo(f"cold start, process start to ready (0.2 s polls): guardloop {ours.ready_seconds:.1f} s (/readyz 200)")
+    if theirs is None:
+        return
+    theirs_lo, theirs_p50 = theirs.served[c_lo], percentile(theirs.latencies_ms, 50)
     echo(
         f"guardloop / infinity: texts/s {ours_lo.rate / theirs_lo.rate:.2f}x at c={c_lo}, "
         f"{ours.served[c_hi].rate / theirs.served[c_hi].rate:.2f}x at c={c_hi}; "
         f"p50 at c=1 {ours_p50 / theirs_p50:.2f}x (lower is better); RSS {ours.rss_mb / theirs.rss_mb:.2f}x"
     )
-    echo(
-        f"cold start, process start to ready (0.2 s polls): guardloop {ours.ready_seconds:.1f} s (/readyz 200), "
-        f"infinity {theirs.ready_seconds:.1f} s (/health 200, its warm-up off)"
-    )
+    echo(f"infinity cold start: {theirs.ready_seconds:.1f} s (/health 200, its own warm-up off)")

@@ -112,11 +112,10 @@ async def classify_texts(request: Request, texts: list[str], *, pooled: int | No
     telemetry.record_verdicts(classified.verdicts[:callers_texts])
     record_decisions(policy, classified.decisions[:callers_texts])
     _offer_to_pool(request, classified, callers_texts)
-    if rollout is not None:  # the canary's flag tally, a copy for the shadow; never waits
+    if rollout is not None:  # the canary's flag tally, a copy for the shadow (never waits); texts kept if opted in
         client_id = getattr(request.state, "client_id", None)
-        rollout.observe(
-            model, texts[:callers_texts], canonical[:callers_texts], classified.verdicts[:callers_texts], client_id
-        )
+        mine = slice(callers_texts)
+        rollout.observe(model, texts[mine], canonical[mine], classified.verdicts[mine], client_id, store=policy.pool)
     return classified
 
 

@@ -74,12 +74,15 @@ class RolloutMonitor:
             share=settings.shadow_share,
             queue_size=settings.shadow_queue_size,
             busy=self.busy,
+            quiet_for=self.quiet_for,
+            quiet_seconds=settings.shadow_quiet_ms / 1000,
             on_disagreements=self._queue_for_review,
             seed=settings.seed,
         )
         self._canary_counts: dict[tuple[str, str], dict[str, Any]] = {}  # (candidate, stage key) -> counts
         self._lock = threading.Lock()
         self._in_flight = 0  # requests between predict's start and end (the batcher's queue omits the running pass)
+        self._last_request_end = 0.0  # time.monotonic()
         self._disagreements: dict[str, list[Disagreement]] = {}  # candidate -> waiting for the next check
         self.halt_reasons: dict[str, str] = {}  # candidate -> why it was halted (for /models/current)
 
@@ -97,6 +100,10 @@ class RolloutMonitor:
         """Whether a request is being classified or waits to be: then the shadow leaves the cores alone."""
         return self._in_flight > 0 or self.stable.pending_tokens > 0
 
+    def quiet_for(self) -> float:
+        """Seconds since the last request was classified; 0 while one is being classified or waits."""
+        return 0.0 if self.busy() else time.monotonic() - self._last_request_end
+
     async def predict(self, canonical: list[str], client: str) -> tuple[np.ndarray, Any]:
         """Probabilities and the model that produced them: the canary for its share of clients, else the stable."""
         self._in_flight += 1  # only the event loop changes it
@@ -104,6 +111,7 @@ class RolloutMonitor:
             return await self._predict(canonical, client)
         finally:
             self._in_flight -= 1
+            self._last_request_end = time.monotonic()
 
     async def _predict(self, canonical: list[str], client: str) -> tuple[np.ndarray, Any]:
         state, canary = self.holder.rollout, self.holder.canary
@@ -127,9 +135,17 @@ class RolloutMonitor:
         return probs, model
 
     def observe(
-        self, model: LoadedModel, texts: list[str], canonical: list[str], verdicts: list[Any], client_id: str | None
+        self,
+        model: LoadedModel,
+        texts: list[str],
+        canonical: list[str],
+        verdicts: list[Any],
+        client_id: str | None,
+        *,
+        store: bool = True,
     ) -> None:
-        """After a request is answered: its flags for the canary tally, a copy for the shadow. Never raises."""
+        """After a request is answered: its flags for the canary tally, a copy for the shadow (its disagreements go
+        to the review queue only when `store`: the caller's tenant pools its texts). Never raises."""
         try:
             state = self.holder.rollout
             if state is not None and state.stage == "canary":
@@ -139,7 +155,7 @@ class RolloutMonitor:
                     counts = self._canary_counts.setdefault((state.candidate, state.key), empty_canary_counts())
                     counts[side]["texts"] += len(verdicts)
                     counts[side]["flagged"] += flagged
-            self.shadow.offer(self.holder.shadow, model, texts, canonical, verdicts, client_id)
+            self.shadow.offer(self.holder.shadow, model, texts, canonical, verdicts, client_id, store=store)
         except Exception:
             log.exception("roll-out bookkeeping failed; the request is answered anyway")
 

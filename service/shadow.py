@@ -3,8 +3,9 @@ path, and where the two disagree the text goes to the reviewers first.
 
 A request only offers its texts (`offer`: a random draw and a put into a bounded queue, never a wait); one daemon
 thread, at the lowest CPU priority, scores them with the shadow model and compares. When the queue is full, or the
-service has work waiting for its own model (when offered or when its turn comes), the texts are dropped and
-counted: the shadow takes the cores only while no request waits for them.
+service has work waiting for its own model (when offered or when its turn comes), or no pause of
+`GUARDLOOP_SHADOW_QUIET_MS` comes within a second, the texts are dropped and counted: the shadow takes the cores
+only while no request waits for them.
 Counts per candidate are cumulative; the roll-out monitor stores them in the database (service/rollout_monitor.py).
 """
 
@@ -33,6 +34,7 @@ from guardloop.storage.rollout_tallies import Disagreement
 log = logging.getLogger(__name__)
 
 SHADOW = "shadow"  # PoolRecord.sampled_by of a text the shadow disagreed on
+MAX_QUIET_WAIT_SECONDS = 1.0  # longest a copy waits for a pause in the traffic before it is dropped
 
 
 @dataclass(frozen=True)
@@ -43,6 +45,7 @@ class _Job:
     canonical: list[str]  # what the models read
     verdicts: list[Verdict]  # the serving model's
     client_id: str | None
+    store: bool  # the caller's tenant lets its texts be kept: disagreements may enter the review queue
 
 
 class ShadowScorer:
@@ -52,6 +55,8 @@ class ShadowScorer:
         share: float,
         queue_size: int,
         busy: Callable[[], bool] = lambda: False,
+        quiet_for: Callable[[], float] = lambda: float("inf"),
+        quiet_seconds: float = 0.0,
         on_disagreements: Callable[[str, list[Disagreement]], None] | None = None,
         seed: int | None = None,
     ) -> None:
@@ -60,6 +65,7 @@ class ShadowScorer:
         self._share = share
         self._queue: queue.Queue[_Job | None] = queue.Queue(maxsize=queue_size)
         self._busy = busy
+        self._quiet_for, self._quiet_seconds = quiet_for, quiet_seconds
         self._on_disagreements = on_disagreements
         self._random = random.Random(seed)
         self._counts: dict[str, dict[str, Any]] = {}
@@ -85,13 +91,15 @@ class ShadowScorer:
         canonical: Sequence[str],
         verdicts: Sequence[Verdict],
         client_id: str | None,
+        *,
+        store: bool = True,
     ) -> None:
         """Queue a copy of a request's results for the shadow, or drop it; never waits, never raises."""
         if shadow is None or not texts or shadow.version == serving.version:
             return
         if self._share < 1.0 and self._random.random() >= self._share:
             return
-        job = _Job(shadow, serving.version, list(texts), list(canonical), list(verdicts), client_id)
+        job = _Job(shadow, serving.version, list(texts), list(canonical), list(verdicts), client_id, store)
         if self._busy():
             self._dropped(shadow.version, len(texts))
             return
@@ -121,7 +129,7 @@ class ShadowScorer:
             try:
                 if job is None:
                     return
-                if self._busy():  # requests arrived meanwhile: they have the cores, this copy is dropped
+                if not self._wait_for_quiet():  # requests keep coming: they have the cores, this copy is dropped
                     self._dropped(job.shadow.version, len(job.texts))
                     continue
                 self._score(job)
@@ -129,6 +137,20 @@ class ShadowScorer:
                 log.exception("shadow scoring of %d texts failed", len(job.texts) if job else 0)
             finally:
                 self._queue.task_done()
+
+    def _wait_for_quiet(self) -> bool:
+        """Wait (at most MAX_QUIET_WAIT_SECONDS) until no request has run for `quiet_seconds`: a shadow pass started
+        in a pause is less likely to overlap the next request than one started right after a request."""
+        deadline = time.monotonic() + MAX_QUIET_WAIT_SECONDS
+        while True:
+            if self._busy():
+                return False
+            quiet = self._quiet_for()
+            if quiet >= self._quiet_seconds:
+                return True
+            if time.monotonic() >= deadline:
+                return False
+            time.sleep(self._quiet_seconds - quiet)
 
     def _score(self, job: _Job) -> None:
         started = time.perf_counter()
@@ -156,7 +178,8 @@ class ShadowScorer:
                     metrics.SHADOW_FLAGGED.labels(label=label, model="shadow").inc()
                 if serving.label != shadow.label:
                     counts["disagreed"] += 1
-                    disagreements.append(Disagreement(_record(text, serving, job, now), shadow.label))
+                    if job.store:
+                        disagreements.append(Disagreement(_record(text, serving, job, now), shadow.label))
         if disagreements and self._on_disagreements is not None:
             self._on_disagreements(job.shadow.version, disagreements)
 

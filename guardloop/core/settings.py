@@ -279,6 +279,9 @@ class Settings(BaseSettings):
     )
     shadow_share: float = Field(1.0, ge=0, le=1, description="share of live texts the shadow model also scores")
     shadow_queue_size: int = Field(256, ge=1, description="texts waiting for the shadow; more are dropped, counted")
+    shadow_quiet_ms: float = Field(
+        10.0, ge=0, le=1000, description="pause in the traffic the shadow waits for before it scores (at most 1 s)"
+    )
     shadow_min_texts: int = Field(500, ge=1, description="shadow-scored texts (all replicas) before promotion")
     shadow_max_disagreement: float = Field(
         0.05, ge=0, le=1, description="largest share of texts, overall and per class, the shadow may label otherwise"

@@ -103,7 +103,11 @@ def test_simulate_writes_each_iteration_as_it_finishes(tmp_path):
     pool_file = write(tmp_path / "pool.jsonl", [ex for rows in by_label.values() for ex in rows[4:24]])
     dev_file = write(tmp_path / "dev.jsonl", [ex for rows in by_label.values() for ex in rows[24:28]])
     results = tmp_path / "results.jsonl"
-    env = {"GUARDLOOP_DATA_DIR": str(tmp_path / "data"), "GUARDLOOP_REGISTRY_DIR": str(tmp_path / "registry")}
+    env = {
+        "GUARDLOOP_DATA_DIR": str(tmp_path / "data"),
+        "GUARDLOOP_REGISTRY_DIR": str(tmp_path / "registry"),
+        "GUARDLOOP_GOLD_SHARE": "0",  # no gold reserve: every label not doubted by the label check trains
+    }
     run = run_cli(
         "simulate", "--pool", str(pool_file), "--seed-data", str(seed_file), "--dev", str(dev_file),
         "--strategy", "cluster", "--iterations", "2", "--per-iteration", "6", "--variations", "0",
@@ -115,7 +119,8 @@ def test_simulate_writes_each_iteration_as_it_finishes(tmp_path):
     assert [line["iteration"] for line in lines] == [1, 2]
     assert [sum(line["acquired"].values()) for line in lines] == [6, 12]  # cumulative oracle labels
     assert all(line["variations_accepted"] == 0 and line["strategy"] == "cluster" for line in lines)
-    assert lines[1]["train_size"] == 24 + 12
+    # a label the check doubts waits one iteration for its second look (the oracle's), then trains
+    assert lines[1]["train_size"] == 24 + 12 - lines[1]["labels_suspected"]
     # The file records what the run reported as it went: each iteration's progress line shows the same F1.
     for line in lines:
         assert f"it {line['iteration']}: labels" in run.stderr

@@ -256,3 +256,33 @@ def test_models_canary_and_status_commands(tmp_path: Path, registry: ModelRegist
     assert runner.invoke(app, ["models", "canary", "--abort"], env=env).exit_code == 0
     assert "roll-out: none" in runner.invoke(app, ["models", "status"], env=env).output
     assert registry.current() == base
+
+
+def test_the_promote_shadow_step_raises_a_good_canary_step_by_step_then_makes_it_current(
+    tmp_path: Path, registry: ModelRegistry
+):
+    base = publish_tiny(registry, tmp_path, seed=0)
+    candidate = publish_tiny(registry, tmp_path, seed=1, make_current=False)
+    settings = Settings(
+        registry_dir=registry.root, data_dir=tmp_path / "data", canary_steps=[0.1, 1.0], canary_min_requests=5
+    )
+    database = Database(settings.database_url_value)
+    tallies = RolloutRepository(database)
+    rollouts = Rollouts(registry)
+    rollouts.start_shadow(candidate)
+    per_class = {label: {"disagreed": 0, "serving_flagged": 0, "shadow_flagged": 0} for label in LABELS}
+    tallies_of = {"scored": 400, "disagreed": 4, "per_class": per_class}
+    database.ensure_schema()
+    tallies.save_tally(candidate, "shadow", "replica-a", tallies_of)
+    tallies.save_tally(candidate, "shadow", "replica-b", tallies_of)  # 800 texts over two replicas
+    assert advance_rollout(settings.model_copy(update={"shadow_min_texts": 1000}), registry, database).action == "wait"
+    step = advance_rollout(settings.model_copy(update={"shadow_min_texts": 800}), registry, database)
+    assert step.action == "canary" and rollouts.state().key == "canary@0.1"
+    side = {"requests": 5, "errors": 0, "texts": 5, "flagged": 1, "seconds": 0.05}
+    assert advance_rollout(settings, registry, database).action == "wait"  # no canary requests yet
+    tallies.save_tally(candidate, "canary@0.1", "replica-a", {"canary": side, "stable": side})
+    assert advance_rollout(settings, registry, database).action == "raise" and rollouts.state().share == 1.0
+    tallies.save_tally(candidate, "canary@1", "replica-a", {"canary": side, "stable": side})
+    assert advance_rollout(settings, registry, database).action == "complete"
+    assert registry.current() == candidate and rollouts.state() is None and base in registry.versions()
+    database.dispose()

@@ -15,19 +15,21 @@ from guardloop.core.settings import Settings
 from guardloop.storage import Database, StorageError
 
 
-def get_settings(request: Request) -> Settings:
+# The lookups below are `async def` although they never wait: FastAPI runs a plain `def` dependency in a worker
+# thread, and those hand-offs (and the GIL contention they cause) were the largest cost of a /classify request.
+async def get_settings(request: Request) -> Settings:
     return request.app.state.settings
 
 
-def get_holder(request: Request) -> ModelHolder:
+async def get_holder(request: Request) -> ModelHolder:
     return request.app.state.holder
 
 
-def get_batcher(request: Request) -> MicroBatcher:
+async def get_batcher(request: Request) -> MicroBatcher:
     return request.app.state.batcher
 
 
-def get_guidelines(request: Request) -> GuidelineStore:
+async def get_guidelines(request: Request) -> GuidelineStore:
     return request.app.state.guidelines
 
 
@@ -41,7 +43,7 @@ def get_database(request: Request) -> Database:
     return database
 
 
-def get_pool_logger(request: Request) -> PoolLogger | None:
+async def get_pool_logger(request: Request) -> PoolLogger | None:
     return getattr(request.app.state, "pool", None)
 
 

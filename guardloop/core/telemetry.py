@@ -21,6 +21,7 @@ What counts as what, where METRICS.md leaves a choice:
 from __future__ import annotations
 
 import contextlib
+import math
 from collections.abc import Iterable, Sequence
 from typing import TYPE_CHECKING
 
@@ -278,6 +279,11 @@ _RECALL = {label: LAST_PROMOTED_RECALL.labels(label=label) for label in LABELS}
 _ACCEPTED, _FILTERED = VARIATIONS.labels(outcome="accepted"), VARIATIONS.labels(outcome="filtered")
 _POLICY_LOADED, _POLICY_REFUSED = POLICY_RELOADS.labels(outcome="loaded"), POLICY_RELOADS.labels(outcome="refused")
 _DRIFT_CHECKS = {outcome: DRIFT_CHECKS.labels(outcome=outcome) for outcome in DRIFT_OUTCOMES}
+# No estimate yet reads NaN, not 0: a 0 would fire GuardloopEstimatedRecallLow before any check ran, while NaN
+# compares false in every alert and shows as a gap on the dashboard.
+for _label in LABELS:
+    ESTIMATED_PRECISION.labels(label=_label).set(math.nan)
+    ESTIMATED_RECALL.labels(label=_label).set(math.nan)
 for _step in CYCLE_STEPS:
     CYCLE_STEP_SECONDS.labels(step=_step)
 
@@ -401,7 +407,7 @@ def record_drift_check(
     recall: dict[str, float | None] | None = None,
 ) -> None:
     """A finished drift check (trainer/monitor.py): its outcome, the test's figures, the label-free estimate.
-    A class the estimate has no figure for (never predicted) loses its series rather than keeping a stale one."""
+    A class the estimate has no figure for (never predicted) reads NaN rather than keeping a stale figure."""
     _DRIFT_CHECKS[outcome].inc()
     if drift is not None:
         DRIFT_SCORE.set(drift["score"])
@@ -410,11 +416,7 @@ def record_drift_check(
         DRIFT_RECENT_ITEMS.set(drift["n_recent"])
     for gauge, values in ((ESTIMATED_PRECISION, precision), (ESTIMATED_RECALL, recall)):
         for label, value in (values or {}).items():
-            if value is None:
-                with contextlib.suppress(KeyError):
-                    gauge.remove(label)
-            else:
-                gauge.labels(label=label).set(value)
+            gauge.labels(label=label).set(math.nan if value is None else value)
 
 
 def record_drift_cycle() -> None:

@@ -28,8 +28,8 @@ from tests.test_cycle import POOL_TEXTS, cycle_env  # noqa: F401  (the tiny cycl
 from tests.tiny_onnx import publish_tiny
 
 STEP_FUNCTIONS = (
-    "snapshot", "embed", "score", "select", "predicted_counts", "label", "check_labels", "generate", "build", "train",
-    "open_candidate", "predict", "gate_set", "gate", "publish",
+    "snapshot", "embed", "score", "select", "predicted_counts", "label", "check_labels", "variation_budgets",
+    "generate", "build", "train", "open_candidate", "predict", "gate_set", "gate", "publish",
 )  # fmt: skip
 # What only a database or a registry has: the simulation has no pool table to snapshot and nothing to publish.
 CYCLE_ONLY = {"snapshot", "predicted_counts", "publish"}

@@ -5,8 +5,13 @@ with one few-shot exchange per class). What comes back goes through output hygie
 stripped, empty lines, copies of the original, duplicates and near-duplicates dropped, lengths bounded — and an
 optional consistency filter: variations the current model confidently puts in another class are dropped.
 
-One module per job: `prompt` (what is asked), `hygiene` (what is kept), `generator` (the client, retries and
-failures), `records` (what came out), `llm_server` (the embedded llama.cpp server used when no endpoint is set).
+Then every rewrite must pass the verifier (`verifier`: copies of the prompt's examples, rewrites of injected
+texts, drift from the source, the LLM's own constrained label question in `judge`), and `budget` decides how many
+rewrites each item gets (more where the training set is thin).
+
+One module per job: `prompt` (what is asked), `hygiene` (what is kept), `verifier` and `judge` (what is
+label-true), `budget` (how many), `generator` (the client, retries and failures), `records` (what came out),
+`llm_server` (the embedded llama.cpp server used when no endpoint is set).
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ from guardloop.trainer.variations.hygiene import (
 )
 from guardloop.trainer.variations.prompt import build_messages, neutralize_post
 from guardloop.trainer.variations.records import VariationBatch, VariationResult, VariationStats
+from guardloop.trainer.variations.verifier import Verifier, VerifierConfig
 
 __all__ = [
     "HygieneConfig",
@@ -32,6 +38,8 @@ __all__ = [
     "VariationGenerator",
     "VariationResult",
     "VariationStats",
+    "Verifier",
+    "VerifierConfig",
     "apply_hygiene",
     "build_messages",
     "clean_line",

@@ -314,6 +314,7 @@ class CycleRunner:
                     progress=self.progress,
                     base_model=self.settings.base_model,
                     teacher=self.settings.teacher,
+                    reference_texts=[ex.text for ex in base_train] + [text for text, _ in human],
                 )
                 detail["dev_macro_f1"] = (card.metrics.get("dev") or {}).get("macro_f1")
                 detail["onnx_agreement"] = card.metrics["onnx_check"]["agreement"]

@@ -75,10 +75,19 @@ class Simulation:
     label_check_folds: int = 5
     label_check_max_share: float = 0.2
 
-    def _train_and_evaluate(self, examples: Sequence[Example], work_dir: Path) -> tuple[Any, dict[str, Any], list[str]]:
+    def _train_and_evaluate(
+        self, examples: Sequence[Example], work_dir: Path, reference_texts: Sequence[str] | None = None
+    ) -> tuple[Any, dict[str, Any], list[str]]:
         work_dir.mkdir(parents=True)
         staging, _ = steps.train(
-            examples, self.dev, self.config, work_dir, fingerprints={}, cache_dir=self.cache_dir, progress=self.progress
+            examples,
+            self.dev,
+            self.config,
+            work_dir,
+            fingerprints={},
+            cache_dir=self.cache_dir,
+            progress=self.progress,
+            reference_texts=reference_texts,
         )
         candidate = steps.open_candidate(staging, max_seq_len=self.config.max_seq_len)
         return candidate, *steps.predict(candidate, self.eval_data)
@@ -180,7 +189,9 @@ class Simulation:
                 variations += [(text, label) for text in rewrites]
             accepted = sum(len(rewrites) for rewrites in generated.accepted)
             train = steps.build(base, trained, variations)
-            candidate, report, predicted = self._train_and_evaluate(train, tmp / f"it{iteration}")
+            candidate, report, predicted = self._train_and_evaluate(
+                train, tmp / f"it{iteration}", [ex.text for ex in base] + [text for text, _ in trained]
+            )
             fixed = steps.Judged("eval set", eval_truth, report, predicted, served_report, served_pred)
             gold_judged = steps.judge("gold reserve", candidate, served, gold) if gold else None
             judged, note = steps.gate_set(fixed, gold_judged, self.gold_min_per_class)

@@ -192,9 +192,11 @@ def train(
     progress: bool = False,
     base_model: Path | None = None,
     teacher: str | Path | None = None,
+    reference_texts: Sequence[str] | None = None,
 ) -> tuple[Path, ModelCard]:
     """Fine-tune, export int8 ONNX and check it against torch, into `work_dir`: (staging dir, unpublished card).
-    `base_model`, `teacher`: settings.base_model and settings.teacher (None: MiniLM, no distillation)."""
+    `base_model`, `teacher`: settings.base_model and settings.teacher (None: MiniLM, no distillation).
+    `reference_texts`: what the drift reference is drawn from (TrainJob says why variations stay out of it)."""
     job = TrainJob(
         train=examples,
         dev=dev,
@@ -204,6 +206,7 @@ def train(
         progress=progress,
         base_model=base_model,
         teacher=teacher,
+        reference_texts=reference_texts,
     )
     return train_model(job, work_dir)
 

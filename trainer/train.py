@@ -48,6 +48,10 @@ class TrainJob:
     cache_dir: Path = Path("var/cache")
     quantize: bool = True
     progress: bool = True
+    # The texts the drift reference is drawn from; None: the training texts. A cycle passes its real traffic (base
+    # data and reviewed labels) without the LLM's variations: rewrites read unlike traffic by construction, and a
+    # reference holding them made every cycle-trained model see drift in unchanged traffic.
+    reference_texts: Sequence[str] | None = None
 
 
 @dataclass
@@ -114,9 +118,8 @@ def train_model(job: TrainJob, work_dir: Path) -> tuple[Path, ModelCard]:
             f"on average (allowed {MAX_MEAN_PROB_DIFF}); not published"
         )
     # The drift reference travels with the model (reference.py says why): staged here, published with it.
-    reference_rows = write_reference(
-        staging, [ex.text for ex in job.train], SentenceEmbedder(job.cache_dir), seed=job.config.seed
-    )
+    reference_texts = [ex.text for ex in job.train] if job.reference_texts is None else job.reference_texts
+    reference_rows = write_reference(staging, reference_texts, SentenceEmbedder(job.cache_dir), seed=job.config.seed)
     label_counts = {label: sum(1 for ex in job.train if ex.label == label) for label in LABELS}
     card = ModelCard(
         version="unpublished",

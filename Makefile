@@ -29,7 +29,9 @@ run: install
 test: install lint-imports
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
-	$(VENV)/bin/pytest -ra --durations=25
+	# Two workers, each test file on one of them (its module fixtures built once): much of the suite waits on
+	# servers and subprocesses, so two workers on two cores take about half the wall time of one.
+	$(VENV)/bin/pytest -ra --durations=25 -n 2 --dist loadfile
 
 test-fast: install
 	$(VENV)/bin/pytest -ra -m "not slow"

@@ -40,6 +40,10 @@ CLIENTS = ("light", "heavy-1", "heavy-2", "hostile")
 # A closed loop with no pause is not light: on a fast machine it sent ~550 one-text requests/s and met its own
 # per-client tokens/s limit (429s counted as failures caused by no neighbour). 50/s of short texts is ~1,000 tokens/s.
 LIGHT_REQUESTS_PER_SECOND = 50
+# Each client connects from its own loopback address, as separate callers come from separate addresses: the
+# per-address limits then act as in production. From one shared 127.0.0.1, the hostile client's ~1,400 requests/s
+# met the per-IP request limit and the light client's requests were refused with it.
+CLIENT_ADDRESSES = {"light": "127.0.0.2", "heavy-1": "127.0.0.3", "heavy-2": "127.0.0.4", "hostile": "127.0.0.5"}
 
 
 @dataclass
@@ -55,11 +59,12 @@ class ClientLog:
         return sum(count for status, count in self.statuses.items() if status != 200)
 
 
-async def post(url: str, path: str, body: bytes, headers: dict[str, str]) -> tuple[int, dict[str, str]]:
-    """One request on a fresh connection (Connection: close): status and headers; 0 when no answer came."""
+async def post(url: str, path: str, body: bytes, headers: dict[str, str], source: str) -> tuple[int, dict[str, str]]:
+    """One request on a fresh connection (Connection: close) from address `source`: status and headers; 0 when no
+    answer came."""
     host, port = url.removeprefix("http://").split(":")
     try:
-        reader, writer = await asyncio.open_connection(host, int(port))
+        reader, writer = await asyncio.open_connection(host, int(port), local_addr=(source, 0))
     except OSError:
         return 0, {}
     head = "".join(f"{name}: {value}\r\n" for name, value in headers.items())
@@ -95,18 +100,18 @@ async def light_client(url: str, key: str, texts: list[str], until: float, log: 
         next_start = max(next_start, now) + 1 / LIGHT_REQUESTS_PER_SECOND
         body = json.dumps({"text": texts[n % len(texts)]}).encode()
         started = time.perf_counter()
-        status, _ = await post(url, "/classify", body, headers)
+        status, _ = await post(url, "/classify", body, headers, CLIENT_ADDRESSES["light"])
         log.latencies_ms.append((time.perf_counter() - started) * 1000)
         log.statuses[status] += 1
         n += 1
 
 
-async def heavy_client(url: str, key: str, body: bytes, until: float, log: ClientLog) -> None:
+async def heavy_client(url: str, key: str, body: bytes, until: float, log: ClientLog, source: str) -> None:
     """Send `body` again and again until `until` (at least once), waiting out each Retry-After."""
     headers = {"Authorization": f"Bearer {key}"}
     while not log.statuses or time.monotonic() < until:
         started = time.perf_counter()
-        status, answer = await post(url, "/classify", body, headers)
+        status, answer = await post(url, "/classify", body, headers, source)
         log.latencies_ms.append((time.perf_counter() - started) * 1000)
         log.statuses[status] += 1
         if "retry-after" in answer:
@@ -130,7 +135,7 @@ async def hostile_client(url: str, key: str, max_body_bytes: int, until: float, 
     bodies = hostile_bodies(max_body_bytes)
     n = 0
     while time.monotonic() < until:
-        status, _ = await post(url, "/classify", bodies[n % len(bodies)], headers)
+        status, _ = await post(url, "/classify", bodies[n % len(bodies)], headers, CLIENT_ADDRESSES["hostile"])
         log.statuses[status] += 1
         n += 1
 
@@ -143,11 +148,13 @@ async def run_phases(url: str, keys: dict[str, str], settings: Settings, seconds
     logs |= {name: ClientLog() for name in CLIENTS[1:]}
     await light_client(url, keys["light"], texts, time.monotonic() + seconds, logs["alone"])
     heavy_body = json.dumps({"texts": [("x" * 9 + " ") * (settings.max_text_chars // 10)] * settings.max_texts})
-    await heavy_client(url, keys["heavy-1"], heavy_body.encode(), time.monotonic(), logs["heavy alone"])  # one
+    heavy_1 = CLIENT_ADDRESSES["heavy-1"]
+    await heavy_client(url, keys["heavy-1"], heavy_body.encode(), time.monotonic(), logs["heavy alone"], heavy_1)
     await asyncio.sleep(max(logs["heavy alone"].retry_after, default=0))  # its work limit refills
     until = time.monotonic() + seconds + 1
     others = [
-        heavy_client(url, keys[name], heavy_body.encode(), until, logs[name]) for name in ("heavy-1", "heavy-2")
+        heavy_client(url, keys[name], heavy_body.encode(), until, logs[name], CLIENT_ADDRESSES[name])
+        for name in ("heavy-1", "heavy-2")
     ] + [hostile_client(url, keys["hostile"], settings.max_body_bytes, until, logs["hostile"])]
     tasks = [asyncio.create_task(other) for other in others]
     await asyncio.sleep(1)  # the heavy clients' first requests are in

@@ -9,7 +9,7 @@ import sys
 from collections.abc import Callable, Iterable
 from functools import wraps
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, TextIO, TypeVar
 
 import typer
 from pydantic import ValidationError
@@ -87,11 +87,25 @@ def check_database_url(settings: Settings) -> None:
         raise UserError(f"GUARDLOOP_DATABASE_URL: {exc}; fix or unset GUARDLOOP_DATABASE_URL") from None
 
 
+class CurrentStderrHandler(logging.StreamHandler):
+    """Writes each record to sys.stderr as it is then, not as it was when logging was set up: a command run inside
+    another program (a test's CliRunner, a notebook) swaps sys.stderr per run, and a handler holding the first
+    run's stream printed "--- Logging error ---" tracebacks into every later run once that stream was closed."""
+
+    @property  # type: ignore[override]
+    def stream(self) -> TextIO:
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, _value: TextIO) -> None:
+        pass
+
+
 def setup_logging(verbose: bool = False, level: str | None = None) -> None:
     logging.basicConfig(
         level=level or (logging.DEBUG if verbose else logging.INFO),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
+        handlers=[CurrentStderrHandler()],
     )
     if level == "DEBUG":
         # SQLAlchemy holds its loggers at WARNING unless told. Its statements log at INFO (their parameters hidden

@@ -211,7 +211,10 @@ def test_a_cycle_whose_llm_hangs_gives_up_within_its_timeouts_and_still_trains(c
     settings, database, oracle = cycle_env
     registry = ModelRegistry(settings.registry_dir)
     old = publish_tiny(registry, tmp_path, favour="legal-advice")
-    settings = settings.model_copy(update={"gate_max_macro_f1_drop": 1.0, "gate_max_recall_drop": 1.0})
+    # Every item asks the LLM (uniform budget; the deficit budget leaves the thick classes' items unsent).
+    settings = settings.model_copy(
+        update={"gate_max_macro_f1_drop": 1.0, "gate_max_recall_drop": 1.0, "llm_variation_budget": "uniform"}
+    )
     with socket.socket() as silent:
         silent.bind(("127.0.0.1", 0))
         silent.listen(64)

@@ -10,7 +10,6 @@ import subprocess
 import sys
 from collections.abc import Iterator
 from dataclasses import replace
-from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
@@ -20,17 +19,14 @@ from guardloop.service.app import create_app
 from guardloop.core.labels import LABELS
 from guardloop.core.settings import Settings
 from guardloop.storage import (
-    UNCERTAIN,
     Database,
     ItemComplete,
-    LabelRequest,
-    PoolRecord,
-    PoolRepository,
     ReviewerRepository,
     ReviewRepository,
 )
 from guardloop.storage.agreement import cohen_kappa, compute_agreement, nominal_alpha
 from guardloop.storage.review import second_opinion_wanted
+from tests.pool_items import seed_requested
 from tests.tiny_onnx import publish_tiny
 
 # Krippendorff (2011), "Computing Krippendorff's Alpha-Reliability", example C: 4 observers, 12 units, values 1-5
@@ -100,38 +96,13 @@ def test_undefined_agreement_is_none() -> None:
 
 
 # ------------------------------------------------------------------ stored labels: API and CLI
-def seed_requested(database: Database, count: int) -> list[int]:
-    """`count` requested pool items; their ids in order."""
-    pool = PoolRepository(database)
-    now = datetime.now(UTC)
-    pool.write_batch(
-        [
-            PoolRecord(
-                text=f"item {n}",
-                label="medical-advice",
-                scores=dict.fromkeys(LABELS, 0.1) | {"medical-advice": 0.5},
-                uncertainty=0.9,
-                margin=0.4,
-                model_version="v1",
-                sampled_by=UNCERTAIN,
-                client_id="bot",
-                seen_at=now,
-            )
-            for n in range(count)
-        ]
-    )
-    ids = sorted(item.id for item in pool.iter_items())
-    pool.mark_requested([LabelRequest(item_id, {"strategy": "test"}, 0.5) for item_id in ids], at=now)
-    return ids
-
-
 @pytest.fixture
 def example_db(database_url: str) -> Iterator[tuple[str, Database, dict[str, str]]]:
     """Example C stored as live review labels (plus a skip and a retracted label, which must not count)."""
     database = Database(database_url)
     database.ensure_schema()
     tokens = {name: ReviewerRepository(database).add(name) for name in EXAMPLE_C}
-    ids = seed_requested(database, 12)
+    ids = seed_requested(database, [f"item {n}" for n in range(12)])
     reviews = ReviewRepository(database, labels_per_item=4)
     for unit, by_reviewer in example_labels().items():
         for reviewer, label in by_reviewer.items():
@@ -178,7 +149,7 @@ def test_second_opinion_rule_takes_exactly_the_share() -> None:
 def test_second_opinion_goes_to_one_other_reviewer(database_url: str) -> None:
     database = Database(database_url)
     database.ensure_schema()
-    ids = seed_requested(database, 40)
+    ids = seed_requested(database, [f"item {n}" for n in range(40)])
     chosen = {item_id for item_id in ids if second_opinion_wanted(item_id, 0.25)}
     assert 0 < len(chosen) < len(ids)
     reviews = ReviewRepository(database, labels_per_item=1, second_opinion_share=0.25)
@@ -214,7 +185,7 @@ def test_second_opinions_through_the_api(settings, registry, tmp_path, database_
     database = Database(database_url)
     database.ensure_schema()
     tokens = {name: ReviewerRepository(database).add(name) for name in ("ann", "bob", "carol")}
-    ids = seed_requested(database, 12)
+    ids = seed_requested(database, [f"item {n}" for n in range(12)])
     chosen = {item_id for item_id in ids if second_opinion_wanted(item_id, 0.5)}
     assert 0 < len(chosen) < len(ids)
     publish_tiny(registry, tmp_path, seed=1)

@@ -9,7 +9,6 @@ requests; no deadline per example (a 2-core CI machine is slow at times).
 from __future__ import annotations
 
 from collections.abc import Iterator
-from datetime import UTC, datetime
 
 import pytest
 import schemathesis
@@ -25,10 +24,10 @@ from schemathesis.specs.openapi.checks import (
     status_code_conformance,
 )
 
-from guardloop.core.labels import LABELS
 from guardloop.core.settings import Settings
-from guardloop.storage import UNCERTAIN, Database, LabelRequest, PoolRecord, PoolRepository, ReviewerRepository
+from guardloop.storage import Database, ReviewerRepository
 from tests.conftest import ADMIN_TOKEN, live_server
+from tests.pool_items import seed_requested
 from tests.tiny_onnx import publish_tiny
 
 API_KEY = "fuzz-client-key-0123456789"
@@ -58,28 +57,7 @@ credentials: dict[str, str] = {}
 
 def seed_review_queue(database: Database) -> None:
     """Pool items requested for labeling, so the review routes have something to answer about."""
-    pool = PoolRepository(database)
-    now = datetime.now(UTC)
-    pool.write_batch(
-        [
-            PoolRecord(
-                text=f"fuzzing seed text {n}",
-                label="medical-advice",
-                scores=dict.fromkeys(LABELS, 0.1) | {"medical-advice": 0.5},
-                uncertainty=0.9,
-                margin=0.4,
-                model_version="v1",
-                sampled_by=UNCERTAIN,
-                client_id="bot",
-                seen_at=now,
-            )
-            for n in range(20)
-        ]
-    )
-    pool.mark_requested(
-        [LabelRequest(item.id, {"strategy": "cluster"}, 0.5) for item in pool.iter_items()],
-        at=now,
-    )
+    seed_requested(database, [f"fuzzing seed text {n}" for n in range(20)], {"strategy": "cluster"})
 
 
 @pytest.fixture(scope="module")

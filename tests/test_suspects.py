@@ -22,6 +22,7 @@ from guardloop.storage import (
     ReviewRepository,
 )
 from guardloop.storage.suspects import SuspectRepository, Suspicion
+from tests.pool_items import seed_requested
 
 
 def clustered(labels: list[str], rng: np.random.Generator) -> np.ndarray:
@@ -57,35 +58,11 @@ def test_too_little_data_skips_the_check_with_a_reason() -> None:
     assert result.suspects == [] and "fewer than 2" in (result.skipped or "")
 
 
-def requested_items(database: Database, count: int) -> list[int]:
-    pool = PoolRepository(database)
-    now = datetime.now(UTC)
-    pool.write_batch(
-        [
-            PoolRecord(
-                text=f"text {n}",
-                label="medical-advice",
-                scores=dict.fromkeys(LABELS, 0.1) | {"medical-advice": 0.5},
-                uncertainty=0.9,
-                margin=0.4,
-                model_version="v1",
-                sampled_by=UNCERTAIN,
-                client_id="bot",
-                seen_at=now,
-            )
-            for n in range(count)
-        ]
-    )
-    ids = sorted(item.id for item in pool.iter_items())
-    pool.mark_requested([LabelRequest(item_id, {"cycle_id": "c1"}, 0.5) for item_id in ids], at=now)
-    return ids
-
-
 def test_a_suspected_label_is_withheld_requeued_for_another_reviewer_and_settled_by_them(database_url: str) -> None:
     database = Database(database_url)
     database.ensure_schema()
     try:
-        first, other = requested_items(database, 2)
+        first, other = seed_requested(database, ["text 0", "text 1"], {"cycle_id": "c1"})
         reviews = ReviewRepository(database)
         reviews.add_label(first, "ann", "legal-advice")  # the deliberately wrong label
         reviews.add_label(other, "ann", "medical-advice")

@@ -1,7 +1,7 @@
 """One active-learning cycle: the steps of steps.py run against the database, the registry and the reviewers.
 
-snapshot pool -> embed -> score -> select -> request labels -> collect labels -> generate variations
--> build training set -> train (+ export) -> evaluate -> gate -> publish
+(advance a roll-out in progress) -> snapshot pool -> embed -> score -> select -> request labels -> collect labels
+-> check labels -> generate variations -> build training set -> train (+ export) -> evaluate -> gate -> publish
 
 A cycle is a database record (status, counts, per-step durations, metrics, reason). It may wait for
 reviewers: it then stays `awaiting_labels`, and the next scheduled run resumes it once enough labels are in

@@ -14,7 +14,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from guardloop.core.labels import LABELS
-from guardloop.storage import StoredItem
+from guardloop.storage import REVIEW_BAND, StoredItem
+from guardloop.storage.rollout_tallies import SHADOW_REASON_KEY
 
 # Top-two probabilities closer than this read as "unsure between"; further apart as "says ..., next is ...".
 CLOSE_CALL = 0.2
@@ -54,6 +55,16 @@ def _number(value: Any) -> float | None:
 
 def _strategy_words(reason: dict[str, Any]) -> str:
     strategy = str(reason.get("strategy") or "")
+    if SHADOW_REASON_KEY in reason:
+        return (
+            "The model serving now and a candidate model tried beside it disagree about it: your label shows which "
+            "of the two is right, and decides whether the candidate goes on."
+        )
+    if strategy == REVIEW_BAND:
+        return (
+            "It scored close to a chatbot's limit for one of its categories: borderline messages are reviewed "
+            "first, and their labels tune that chatbot's limits."
+        )
     size = _number(reason.get("cluster_size"))
     group = f"a group of {int(size)} similar unlabeled messages" if size else "a group of similar unlabeled messages"
     if strategy == "cluster":
@@ -86,6 +97,9 @@ def _guess_words(ranked: list[tuple[str, float]], reason: dict[str, Any]) -> str
         words = f"The model is unsure between {first} ({p1:.2f}) and {second} ({p2:.2f})."
     else:
         words = f"The model says {first} ({p1:.2f}); next is {second} ({p2:.2f})."
+    shadow_label = reason.get("shadow_label")
+    if SHADOW_REASON_KEY in reason and isinstance(shadow_label, str) and shadow_label in LABELS:
+        words += f" The candidate model says {shadow_label}."
     quota = reason.get("quota_class")
     p_class = _number(reason.get("p_class"))
     if reason.get("slot") == "quota" and isinstance(quota, str) and quota in LABELS and p_class is not None:
@@ -105,7 +119,13 @@ def explain(item: StoredItem) -> Explanation:
     ranked = sorted(scores.items(), key=lambda kv: (-kv[1], LABELS.index(kv[0])))
     uncertainty = normalized_entropy(scores)
 
-    if item.requested_at is None or not reason:
+    if item.suspected_at is not None:
+        # Checked first: a doubted label's item keeps its original request reason, which no longer says why.
+        why = (
+            "Another reviewer has labeled it, and the check of all labels before training doubts that label: "
+            "yours is the second look that settles it."
+        )
+    elif item.requested_at is None or not reason:
         why = "It was sampled from the pool of messages the model was unsure about."
     else:
         why = _strategy_words(reason)

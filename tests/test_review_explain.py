@@ -101,6 +101,16 @@ def test_each_strategy_has_its_words(reason, words):
     assert words in explain(item(reason)).why
 
 
+def test_shadow_disagreements_review_band_items_and_doubted_labels_say_why_without_naming_a_label():
+    shadow = explain(item({"shadow": "v-cand", "serving_label": "not-harmful", "shadow_label": "self-harm"}))
+    assert "candidate model tried beside it disagree" in shadow.why and "self-harm" not in shadow.why
+    assert shadow.model_guess.endswith("The candidate model says self-harm.")
+    band = explain(item({"strategy": "review-band", "categories": ["self-harm"], "policy_version": "7"}))
+    assert "close to a chatbot's limit" in band.why and "self-harm" not in band.why
+    doubted = dataclasses.replace(item(cluster_reason()), suspected_at=NOW)
+    assert explain(doubted).why.startswith("Another reviewer has labeled it") and "group" not in explain(doubted).why
+
+
 def test_rare_cluster_quota_names_its_class_only_in_the_guess():
     reason = {
         "strategy": "rare-cluster",

@@ -60,6 +60,7 @@ class StoredItem:
     requested_at: datetime | None
     request_reason: dict[str, Any] | None
     priority: float
+    suspected_at: datetime | None = None  # its settled label was doubted (storage/suspects.py): a second look
 
     @classmethod
     def of(cls, row: PoolItem) -> StoredItem:
@@ -67,7 +68,7 @@ class StoredItem:
 
     def as_json(self) -> dict[str, Any]:
         data = asdict(self)
-        for key in ("first_seen", "last_seen", "requested_at"):
+        for key in ("first_seen", "last_seen", "requested_at", "suspected_at"):
             data[key] = data[key].isoformat() if data[key] else None
         return data
 

@@ -66,21 +66,22 @@ class HttpMetrics:
             telemetry.record_http_request(route_template(scope), scope["method"], status, time.perf_counter() - started)
 
 
-def read_database_gauges(database: Database, labels_per_item: int) -> None:
-    """Pool size, review queue depth and the oldest waiting item's age, from the database every replica shares."""
+def read_database_gauges(database: Database, reviews: ReviewRepository) -> None:
+    """Pool size, review queue depth and the oldest waiting item's age, from the database every replica shares.
+    `reviews` is the queue as reviewers see it (labels per item, second opinions), so the depth counts the same."""
     database.ensure_schema()
     pool_size = PoolRepository(database).count()
-    depth, oldest = ReviewRepository(database, labels_per_item=labels_per_item).waiting()
+    depth, oldest = reviews.waiting()
     age = max(0.0, (datetime.now(UTC) - oldest).total_seconds()) if oldest else 0.0
     telemetry.record_database_gauges(pool_size, depth, age)
 
 
-async def refresh_database_gauges(database: Database, labels_per_item: int, interval: float) -> None:
+async def refresh_database_gauges(database: Database, reviews: ReviewRepository, interval: float) -> None:
     """Keep the database gauges fresh; while the database is away they keep their last values (and say so once)."""
     failing = False
     while True:
         try:
-            await asyncio.to_thread(read_database_gauges, database, labels_per_item)
+            await asyncio.to_thread(read_database_gauges, database, reviews)
             failing = False
         except Exception as exc:  # StorageError while the database is away; keep refreshing whatever one read hit
             if not failing:

@@ -19,7 +19,7 @@ from guardloop.service.pool_writer import PoolLogger, PoolSampler, PoolWriter
 from guardloop.service.service_metrics import refresh_database_gauges
 
 from guardloop.core.settings import Settings
-from guardloop.storage import Database, PoolRepository, StorageError
+from guardloop.storage import Database, PoolRepository, ReviewRepository, StorageError
 
 log = logging.getLogger(__name__)
 
@@ -79,7 +79,15 @@ async def open_storage(app: FastAPI, settings: Settings) -> AsyncIterator[None]:
         purge_periodically(database, settings.pool_retention_days, settings.pool_purge_interval_seconds)
     )
     gauges = asyncio.create_task(
-        refresh_database_gauges(database, settings.review_labels_per_item, settings.metrics_refresh_seconds)
+        refresh_database_gauges(
+            database,
+            ReviewRepository(
+                database,
+                labels_per_item=settings.review_labels_per_item,
+                second_opinion_share=settings.review_second_opinion_share,
+            ),
+            settings.metrics_refresh_seconds,
+        )
     )
     try:
         yield

@@ -15,7 +15,10 @@ from pathlib import Path
 import pytest
 from fastapi.testclient import TestClient
 from guardloop.service.app import create_app
+from guardloop.service.service_metrics import read_database_gauges
+from prometheus_client import REGISTRY
 
+from guardloop.core import telemetry
 from guardloop.core.labels import LABELS
 from guardloop.core.settings import Settings
 from guardloop.storage import (
@@ -162,6 +165,10 @@ def test_second_opinion_goes_to_one_other_reviewer(database_url: str) -> None:
     assert reviews.queue("ann", limit=100) == []
     assert {item.id for item in reviews.queue("bob", limit=100)} == chosen
     assert reviews.waiting()[0] == len(chosen)
+    # the queue-depth gauge counts them too: the service reads it with the reviewers' settings
+    telemetry.expose_service_metrics()
+    read_database_gauges(database, reviews)
+    assert REGISTRY.get_sample_value("guardloop_review_queue_depth") == len(chosen)
     assert {item.id for item in ReviewRepository(database).queue("bob", limit=100)} == set()  # share 0: none
     for item_id in chosen:
         reviews.add_label(item_id, "bob", "legal-advice")

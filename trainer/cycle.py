@@ -88,7 +88,11 @@ class CycleRunner:
 
     def __post_init__(self) -> None:
         self.pool = PoolRepository(self.database)
-        self.reviews = ReviewRepository(self.database, labels_per_item=self.settings.review_labels_per_item)
+        self.reviews = ReviewRepository(
+            self.database,
+            labels_per_item=self.settings.review_labels_per_item,
+            second_opinion_share=self.settings.review_second_opinion_share,
+        )
         self.cycles = CycleRepository(self.database)
         telemetry.expose_trainer_metrics()  # a process that runs cycles exports the cycle, LLM and variation metrics
 

@@ -16,7 +16,7 @@ import logging
 import secrets
 import tempfile
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -25,14 +25,14 @@ from typing import Any
 import numpy as np
 from guardloop.models.onnx_model import OnnxClassifier
 from guardloop.models.registry import ModelRegistry, RegistryError, open_classifier
-from guardloop.trainer import steps
+from guardloop.trainer import cycle_labels, steps
 from guardloop.trainer.embeddings import SentenceEmbedder
 from guardloop.trainer.finetune import FineTuneConfig
 from guardloop.trainer.gate import GateDecision, gate, rules_from
-from guardloop.trainer.labelers import ORACLE_REVIEWER, ORACLE_SECOND_LOOK, OracleLabeler
+from guardloop.trainer.labelers import ORACLE_REVIEWER, OracleLabeler
 from guardloop.trainer.rollout_step import advance_rollout, start_shadow
 from guardloop.trainer.train import TrainJob, train_and_publish
-from guardloop.trainer.training_set import base_files, base_training_sets, eval_set, is_gold, split_gold
+from guardloop.trainer.training_set import base_files, base_training_sets, eval_set, split_gold
 from guardloop.trainer.variations import VariationGenerator
 from guardloop.trainer.variations.verifier import lazy_embedder
 from sqlalchemy.exc import SQLAlchemyError
@@ -41,7 +41,7 @@ from guardloop.core import telemetry
 from guardloop.core.datafiles import Example, load_examples
 from guardloop.core.labels import LABELS
 from guardloop.core.settings import Settings
-from guardloop.storage import Database, LabelRequest, PoolRepository, ReviewError, ReviewRepository, StorageError
+from guardloop.storage import Database, LabelRequest, PoolRepository, ReviewRepository, StorageError
 from guardloop.storage.cycles import (
     AWAITING_LABELS,
     FAILED,
@@ -54,7 +54,6 @@ from guardloop.storage.cycles import (
     CycleView,
 )
 from guardloop.storage.locks import CycleBusy, single_flight
-from guardloop.storage.suspects import SuspectRepository, Suspicion
 
 log = logging.getLogger(__name__)
 
@@ -373,98 +372,19 @@ class CycleRunner:
         return self.cycles.get(cycle.id)  # type: ignore[return-value]
 
     def _check_labels(self, cycle: CycleView, now: datetime) -> dict[str, Any]:
-        """Suspected mislabels (label_check.py): withheld from this training (final_labels leaves them out from
-        now on) and back in the queue for a second reviewer, whose answer settles them for the next cycle."""
-        suspects = SuspectRepository(self.database)
-        if not self.settings.label_check:
-            return {"skipped": "label_check is off"}
-        finals = self.reviews.final_labels()
-        result = steps.check_labels(
-            SentenceEmbedder(self.settings.data_dir / "cache"),
-            base_training_sets(self.settings)[0],
-            [(f.text, f.label) for f in finals],
-            [not f.checked for f in finals],
-            random_state=self.settings.seed,
-            folds=self.settings.label_check_folds,
-            max_share=self.settings.label_check_max_share,
-        )
-        doubted = [Suspicion(finals[s.index].item_id, s.given, s.suggested, s.quality) for s in result.suspects]
-        suspected = suspects.mark(doubted, cycle_id=cycle.id, at=now)
-        waiting = suspects.waiting()
-        telemetry.record_label_check(suspected, waiting)
-        detail: dict[str, Any] = {"checked": result.checked, "suspected": suspected, "withheld": waiting}
-        if result.skipped:
-            detail["skipped"] = result.skipped
-        return detail
+        embedder = SentenceEmbedder(self.settings.data_dir / "cache")
+        return cycle_labels.check_labels(self.settings, self.database, self.reviews, embedder, cycle.id, now)
 
     def _oracle_second_looks(self) -> int:
-        """The oracle's second look at labels an earlier check doubted (see labelers.ORACLE_SECOND_LOOK)."""
         assert self.oracle is not None
-        waiting = SuspectRepository(self.database).waiting_items()
-        answers = steps.label(self.oracle, [text_hash for _, text_hash in waiting])
-        given = 0
-        for (item_id, _), label in zip(waiting, answers, strict=True):
-            if label is not None:
-                with contextlib.suppress(ReviewError):  # answered already (a resumed cycle)
-                    self.reviews.add_label(item_id, ORACLE_SECOND_LOOK, label)
-                    given += 1
-        return given
+        return cycle_labels.oracle_second_looks(self.oracle, self.database, self.reviews)
 
     def _generate_variations(self, cycle: CycleView, current: OnnxClassifier | None) -> dict[str, Any]:
         if self.variation_generator is None:
             return {"skipped": "no LLM configured"}
-        done = self.cycles.items_with_variations()
-        todo = [  # a gold item's rewrites would leak it into training: none are made
-            final
-            for final in self.reviews.final_labels()
-            if final.item_id not in done and not is_gold(final.item_id, self.settings.gold_share)
-        ]
-        if not todo:
-            return {"items": 0}
-        make = generator_variation_maker(self.variation_generator)
-        items = [(final.text, final.label) for final in todo]
-        trained_labels = [ex.label or "" for ex in base_training_sets(self.settings)[0]]
-        trained_labels += [f.label for f in self.reviews.final_labels()] + [y for _, y in self.cycles.variations()]
-        budgets = steps.variation_budgets(
-            self.settings.llm_variation_budget, items, trained_labels, self.settings.llm_variations
+        return cycle_labels.generate_variations(
+            self.settings, self.reviews, self.cycles, self.variation_generator, cycle.id, current
         )
-        try:
-            generated = steps.generate(make, items, current.predict_proba if current else None, budgets)
-        except Exception as exc:  # the LLM could not even start: train on what we have, say why
-            log.error("cycle %s: no variations: %s", cycle.id, exc)
-            return {"items": len(todo), "error": str(exc).splitlines()[0] if str(exc) else type(exc).__name__}
-        accepted = 0
-        for final, rewrites in zip(todo, generated.accepted, strict=True):
-            accepted += self.cycles.add_variations(final.item_id, final.label, rewrites, cycle.id)
-        return {
-            "items": len(todo),
-            "accepted": accepted,
-            "filtered": generated.filtered,
-            "failed_items": generated.failed_items,
-            "verified": generated.verified,
-            "rejected": generated.rejected,
-            "not_asked": sum(1 for budget in budgets or [] if budget == 0),  # their class is not thin
-        }
-
-
-def generator_variation_maker(
-    open_generator: Callable[[Callable[[list[str]], np.ndarray] | None], Any],
-) -> steps.VariationMaker:
-    """The variations step's maker for a live cycle: one started VariationGenerator per call, its consistency
-    filter run with the current model."""
-
-    def make(items: Sequence[tuple[str, str]], predict_proba: steps.Proba | None) -> steps.Generated:
-        with open_generator(predict_proba) as generator:
-            batch = generator.generate_many(list(items))
-        return steps.Generated(
-            accepted=[list(result.accepted) for result in batch.results],
-            filtered=int(sum(sum(result.filtered.values()) for result in batch.results)),
-            failed_items=len(batch.failed),
-            verified=sum(result.verified for result in batch.results),
-            rejected=sum(result.rejected for result in batch.results),
-        )
-
-    return make
 
 
 def train_bootstrap_model(settings: Settings, registry: ModelRegistry, *, progress: bool = True) -> str:

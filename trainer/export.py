@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 from guardloop.models.onnx_model import OnnxClassifier
 from guardloop.trainer.evaluation import classification_report
-from guardloop.trainer.finetune import FineTuneResult, predict_proba
+from guardloop.trainer.finetune import FineTuneResult, predict_proba, route_library_logs
 
 from guardloop.core.labels import LABELS
 
@@ -210,6 +210,7 @@ def export_onnx(
     """
     from optimum.exporters.onnx import main_export
 
+    route_library_logs()
     staging_dir.mkdir(parents=True, exist_ok=True)
     info: dict[str, Any] = {"mode": None}
     with tempfile.TemporaryDirectory(prefix="guardloop-export-") as tmp:

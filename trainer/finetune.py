@@ -117,6 +117,19 @@ def predict_proba(
     return out
 
 
+def route_library_logs() -> None:
+    """transformers and optimum log through handlers of their own, bound to sys.stderr as it was when they first
+    logged: a command run in-process twice (a test's CliRunner) got "--- Logging error ---" tracebacks once the
+    first run's stream was closed. Their records go to the process's own handlers instead (the CLI's writes to
+    the current sys.stderr), in the process's format."""
+    from optimum.utils import logging as optimum_logging
+    from transformers.utils import logging as transformers_logging
+
+    for library in (transformers_logging, optimum_logging):
+        library.disable_default_handler()
+        library.enable_propagation()
+
+
 def fine_tune(
     base_dir: Path,
     train: Sequence[TrainingExample],
@@ -126,6 +139,7 @@ def fine_tune(
     progress: bool = True,
 ) -> FineTuneResult:
     """Train from `base_dir` (a local model directory). `dev` is (text, label) pairs for early stopping."""
+    route_library_logs()
     started = time.perf_counter()
     set_seed(config.seed)
     tokenizer = AutoTokenizer.from_pretrained(base_dir)

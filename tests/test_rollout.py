@@ -152,28 +152,37 @@ def test_a_shadow_that_disagrees_on_one_class_stays_in_shadow_and_its_disagreeme
     candidate = publish_dir(registry, write_leaning_model(fleet.tmp / "leaning", "self-harm", 0.5), make_current=False)
     Rollouts(registry).start_shadow(candidate)
     assert wait_for(lambda: all((current(url)["rollout"] or {}).get("loaded") for url in urls), timeout=20)
-    answered = Counter()
-    for index, text in enumerate(TEXTS):
-        body = HTTP.post(f"{urls[index % 2]}/classify", json={"text": text}).json()
-        answered[body["model_version"]] += 1  # the shadow answers nothing
-    assert answered == {fleet.serving: len(TEXTS)}
     tallies = RolloutRepository(fleet.database)
     seen = lambda: tallies.totals(candidate, "shadow")  # noqa: E731
-    assert wait_for(lambda: seen().get("scored", 0) + seen().get("dropped", 0) == len(TEXTS), timeout=20)
-    counts = tallies.totals(candidate, "shadow")
-    moved = counts["per_class"]["self-harm"]["disagreed"]
-    assert counts["scored"] >= 40  # each text offered is scored or counted as dropped
-    assert counts["disagreed"] == moved > counts["scored"] * 0.1  # every disagreement is about self-harm
-    reviews = ReviewRepository(fleet.database)
-    assert wait_for(lambda: len(reviews.queue("alice", limit=100)) == moved, timeout=10)  # at the next check
-    queue = reviews.queue("alice", limit=100)
-    assert {(item.request_reason["shadow"], item.request_reason["shadow_label"], item.priority) for item in queue} == {
-        (candidate, "self-harm", fleet.settings.shadow_review_priority)
-    }
-    step = advance_rollout(fleet.settings, registry, fleet.database)  # the promote-shadow step
-    assert step.action == "wait" and "self-harm" in step.reason
-    assert Rollouts(registry).state().stage == "shadow" and registry.current() == fleet.serving
-    Rollouts(registry).abort(reason="test done")
+    try:
+        # A copy is dropped (and counted) while a request is in flight, and the shadow thread runs at the lowest
+        # priority: on a busy machine it loses more copies. So rounds of new texts are sent until it has scored
+        # enough to be judged (shadow_min_texts), as live traffic would keep coming.
+        answered, sent = Counter(), 0
+        for round_number in range(8):
+            for index, text in enumerate(TEXTS):
+                body = HTTP.post(f"{urls[index % 2]}/classify", json={"text": f"{text} (round {round_number})"})
+                answered[body.json()["model_version"]] += 1  # the shadow answers nothing
+                sent += 1
+            assert wait_for(lambda: seen().get("scored", 0) + seen().get("dropped", 0) == sent, timeout=20)  # noqa: B023
+            if seen().get("scored", 0) >= fleet.settings.shadow_min_texts:
+                break
+        assert answered == {fleet.serving: sent}
+        counts = seen()
+        moved = counts["per_class"]["self-harm"]["disagreed"]
+        assert counts["scored"] >= fleet.settings.shadow_min_texts  # each text offered is scored or counted dropped
+        assert counts["disagreed"] == moved > counts["scored"] * 0.1  # every disagreement is about self-harm
+        reviews = ReviewRepository(fleet.database)
+        assert wait_for(lambda: len(reviews.queue("alice", limit=1000)) == moved, timeout=10)  # at the next check
+        queue = reviews.queue("alice", limit=1000)
+        assert {
+            (item.request_reason["shadow"], item.request_reason["shadow_label"], item.priority) for item in queue
+        } == {(candidate, "self-harm", fleet.settings.shadow_review_priority)}
+        step = advance_rollout(fleet.settings, registry, fleet.database)  # the promote-shadow step
+        assert step.action == "wait" and "self-harm" in step.reason
+        assert Rollouts(registry).state().stage == "shadow" and registry.current() == fleet.serving
+    finally:
+        Rollouts(registry).abort(reason="test done")  # the next test rolls out its own candidate
 
 
 def test_a_bad_canary_is_rolled_back_automatically_while_every_request_succeeds(fleet: Fleet):

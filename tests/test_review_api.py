@@ -17,9 +17,10 @@ from sqlalchemy import func, select
 
 from guardloop.core.labels import LABELS
 from guardloop.core.settings import Settings
-from guardloop.storage import UNCERTAIN, Database, LabelRequest, PoolRecord, PoolRepository, ReviewerRepository
+from guardloop.storage import Database, LabelRequest, PoolRepository, ReviewerRepository
 from guardloop.storage.tables import Label
 from tests.conftest import ADMIN_TOKEN
+from tests.pool_items import uncertain_record
 from tests.tiny_onnx import publish_tiny
 
 
@@ -42,22 +43,7 @@ def seed_pool(database: Database) -> dict[str, int]:
     pool = PoolRepository(database)
     now = datetime.now(UTC)
     texts = {"low priority": 0.1, "high priority": 0.9, "middle priority": 0.5, "never requested": None}
-    pool.write_batch(
-        [
-            PoolRecord(
-                text=text,
-                label="medical-advice",
-                scores=dict.fromkeys(LABELS, 0.1) | {"medical-advice": 0.5},
-                uncertainty=0.9,
-                margin=0.4,
-                model_version="v1",
-                sampled_by=UNCERTAIN,
-                client_id="bot",
-                seen_at=now,
-            )
-            for text in texts
-        ]
-    )
+    pool.write_batch([uncertain_record(text, now) for text in texts])
     ids = {item.text: item.id for item in pool.iter_items()}
     pool.mark_requested(
         [

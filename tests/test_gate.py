@@ -15,9 +15,11 @@ from typing import Any
 
 import pytest
 from guardloop.models.registry import ModelCard, ModelRegistry
+from guardloop.models.rollout import Rollouts
 from guardloop.trainer import steps
 from guardloop.trainer.cycle import CycleRunner
 from guardloop.trainer.gate import GateRules, gate
+from guardloop.trainer.rollout_step import advance_rollout
 from guardloop.trainer.training_set import gold_ready, is_gold, split_gold
 from typer.testing import CliRunner
 
@@ -26,7 +28,8 @@ from guardloop.core.labels import LABELS
 from guardloop.core.seed import SEED_DIR
 from guardloop.core.settings import Settings
 from guardloop.storage import Database, LabelRequest, PoolRecord, PoolRepository, ReviewRepository
-from guardloop.storage.cycles import AWAITING_LABELS, PROMOTED, REJECTED, CycleRepository
+from guardloop.storage.cycles import AWAITING_LABELS, PROMOTED, REJECTED, SHADOWED, CycleRepository
+from guardloop.storage.rollout_tallies import RolloutRepository
 from tests.keyword_onnx import publish_keyword_model, write_keyword_model
 
 RULES = GateRules(max_f1_drop=0.01, max_recall_drop=0.05)
@@ -268,3 +271,36 @@ def test_before_the_gold_reserve_is_large_enough_the_eval_set_decides(gold_cycle
     assert "gold reserve has 60 items, below 11 of every class: judged on eval set" in cycle.reason
     # Still recorded beside the set that decided.
     assert cycle.metrics["eval_sets"]["gold reserve"]["candidate"]["per_class_recall"]["self-harm"] == 0.0
+
+
+@pytest.mark.parametrize("ending", ["complete", "abort"])
+def test_a_candidate_rolled_out_in_shadow_is_promoted_only_when_its_roll_out_completes(gold_cycle, monkeypatch, ending):
+    settings, database, _ = gold_cycle
+    settings = settings.model_copy(update={"rollout_shadow": True, "canary_steps": [1.0], "canary_min_requests": 5})
+    registry = ModelRegistry(settings.registry_dir)
+    old = registry.current()
+
+    cycle, _ = run_with_candidate(settings, database, keyword_map(**{ODD: ("not-harmful", 500.0)}), monkeypatch)
+
+    # It passed the gate, but serves no one yet: the record says so, and the current model stays.
+    assert cycle.status == SHADOWED and cycle.finished_at is not None, cycle.reason
+    candidate = cycle.model_version
+    assert registry.current() == old and Rollouts(registry).state().candidate == candidate
+    tallies = RolloutRepository(database)
+    if ending == "complete":
+        Rollouts(registry).start_canary(candidate, 1.0, by="request")
+        side = {"requests": 5, "errors": 0, "texts": 5, "flagged": 1, "seconds": 0.05}
+        tallies.save_tally(candidate, "canary@1", "replica-a", {"canary": side, "stable": side})
+    else:
+        tallies.halt(candidate, "shadow", "flag rate up 0.4", "replica-a")
+    step = advance_rollout(settings, registry, database)
+
+    assert step.action == ending
+    after = CycleRepository(database).get(cycle.id)
+    if ending == "complete":
+        assert after.status == PROMOTED and "roll-out completed" in after.reason
+        assert registry.current() == candidate
+    else:
+        assert after.status == REJECTED and after.reason.startswith("roll-out aborted: ")
+        assert registry.current() == old
+    assert [entry["action"] for entry in after.metrics["rollout"]][-1] == ending

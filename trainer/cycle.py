@@ -48,6 +48,7 @@ from guardloop.storage.cycles import (
     PROMOTED,
     REJECTED,
     SELECTING,
+    SHADOWED,
     SKIPPED,
     TRAINING,
     CycleRepository,
@@ -366,8 +367,9 @@ class CycleRunner:
                 detail["version"] = version
                 if self.settings.rollout_shadow:  # first a shadow beside the served model (trainer/rollout_step.py)
                     detail["rollout"] = start_shadow(self.registry, version, f"cycle {cycle.id} passed the gate")
+        status = SHADOWED if self.settings.rollout_shadow else PROMOTED
         self.cycles.update(
-            cycle.id, status=PROMOTED, model_version=version, reason=reason, metrics=metrics, steps=self._steps
+            cycle.id, status=status, model_version=version, reason=reason, metrics=metrics, steps=self._steps
         )
         return self.cycles.get(cycle.id)  # type: ignore[return-value]
 

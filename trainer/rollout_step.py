@@ -21,10 +21,11 @@ from typing import Any
 from guardloop.models.registry import ModelRegistry, RegistryError
 from guardloop.models.rollout import Rollouts, RolloutState
 
+from guardloop.core import telemetry
 from guardloop.core.rollout_judgement import CanaryBounds, canary_problem, judge_shadow, shadow_summary
 from guardloop.core.settings import Settings
 from guardloop.storage import Database, ReviewRepository
-from guardloop.storage.cycles import CycleRepository
+from guardloop.storage.cycles import PROMOTED, REJECTED, SHADOWED, CycleRepository
 from guardloop.storage.rollout_tallies import RolloutRepository
 
 log = logging.getLogger(__name__)
@@ -149,7 +150,16 @@ def _record_in_cycle(registry: ModelRegistry, database: Database, step: RolloutS
     if history and history[-1].get("action") == "wait" and step.action == "wait":
         history.pop()
     history.append(step.as_json())
-    cycles.update(cycle.id, metrics={**cycle.metrics, "rollout": history})
+    outcome: dict[str, Any] = {}
+    if cycle.status == SHADOWED and step.action == "complete":  # it serves everyone now
+        outcome = {"status": PROMOTED, "reason": f"{cycle.reason}; roll-out completed: {step.reason}"}
+    elif cycle.status == SHADOWED and step.action == "abort":
+        outcome = {"status": REJECTED, "reason": f"roll-out aborted: {step.reason}"}
+    cycles.update(cycle.id, metrics={**cycle.metrics, "rollout": history}, **outcome)
+    if outcome:
+        telemetry.record_cycle_outcome(outcome["status"])
+        if outcome["status"] == PROMOTED and cycle.metrics.get("candidate"):
+            telemetry.record_promoted_model(cycle.metrics["candidate"])
 
 
 def start_shadow(registry: ModelRegistry, version: str, reason: str) -> dict[str, Any]:

@@ -19,6 +19,9 @@ SELECTING = "selecting"
 AWAITING_LABELS = "awaiting_labels"
 TRAINING = "training"
 PROMOTED = "promoted"
+# Passed the gate and rolling out (shadow, then canary): promoted when its roll-out completes, rejected when it is
+# aborted (trainer/rollout_step.py), so the record never says "promoted" for a model that serves no one.
+SHADOWED = "shadowed"
 REJECTED = "rejected"
 FAILED = "failed"
 SKIPPED = "skipped"
@@ -111,7 +114,7 @@ class CycleRepository:
 
     def update(self, cycle_id: str, **fields: Any) -> None:
         fields["updated_at"] = utcnow()
-        if fields.get("status") in (PROMOTED, REJECTED, FAILED, SKIPPED):
+        if fields.get("status") in (PROMOTED, SHADOWED, REJECTED, FAILED, SKIPPED):
             fields.setdefault("finished_at", fields["updated_at"])
         with self.database.write() as session:
             session.execute(update(Cycle).where(Cycle.id == cycle_id).values(**fields))

@@ -18,10 +18,10 @@ from guardloop.service.auth import client_identity
 from guardloop.service.batcher import MicroBatcher
 from guardloop.service.docs import add_offline_docs
 from guardloop.service.errors import describe_validation_error, document_validation_errors_as_text, http_error_detail
-from guardloop.service.guideline_store import GuidelineStore, watch_guidelines
+from guardloop.service.guideline_store import GuidelineStore, poll_forever
 from guardloop.service.limits import BodySizeLimit
 from guardloop.service.model_holder import ModelHolder
-from guardloop.service.policy_store import PolicyStore, watch_policies
+from guardloop.service.policy_store import PolicyStore
 from guardloop.service.rate_limit import RateLimit, TokenBuckets, WorkLimit, build_groups
 from guardloop.service.rollout_monitor import serve_rollout
 from guardloop.service.routers import (
@@ -91,8 +91,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         app.state.policies = policy_store
         app.state.guidelines = guideline_store = await asyncio.to_thread(GuidelineStore, settings.guidelines_path)
         watcher = asyncio.create_task(watch_registry(holder, settings.registry_poll_seconds))
-        guideline_watcher = asyncio.create_task(watch_guidelines(guideline_store, settings.guidelines_poll_seconds))
-        policy_watcher = asyncio.create_task(watch_policies(policy_store, settings.policy_poll_seconds))
+        guideline_watcher = asyncio.create_task(
+            poll_forever(guideline_store.poll, settings.guidelines_poll_seconds, "guideline")
+        )
+        policy_watcher = asyncio.create_task(poll_forever(policy_store.poll, settings.policy_poll_seconds, "policy"))
         try:
             # the database, the pool writer, the retention purge; then the roll-out (shadow, canary)
             async with open_storage(app, settings), serve_rollout(app, settings):

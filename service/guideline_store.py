@@ -12,6 +12,7 @@ import asyncio
 import logging
 import os
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -102,11 +103,12 @@ class GuidelineStore:
             return True
 
 
-async def watch_guidelines(store: GuidelineStore, interval: float) -> None:
-    """Poll the operator's guideline file for changes for as long as the service runs."""
+async def poll_forever(poll: Callable[[], object], interval: float, what: str) -> None:
+    """Call `poll` (a store's check of its operator file: guidelines, tenant policies) off the event loop every
+    `interval` seconds for as long as the service runs."""
     while True:
         await asyncio.sleep(interval)
         try:
-            await asyncio.to_thread(store.poll)
+            await asyncio.to_thread(poll)
         except Exception:  # keep watching whatever one poll did
-            log.exception("guideline poll failed")
+            log.exception("%s poll failed", what)

@@ -10,7 +10,6 @@ would silently lift a tenant's stricter thresholds (a rolling update keeps the o
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import os
 import threading
@@ -173,13 +172,3 @@ class PolicyStore:
             log.info("policy %s loaded from %s (was %s)", policies.version, self.path, previous)
             self._current = policies  # last: whoever sees the new version also sees its metrics and no refusal
             return True
-
-
-async def watch_policies(store: PolicyStore, interval: float) -> None:
-    """Poll the operator's policy file for changes for as long as the service runs."""
-    while True:
-        await asyncio.sleep(interval)
-        try:
-            await asyncio.to_thread(store.poll)
-        except Exception:  # keep watching whatever one poll did
-            log.exception("policy poll failed")

@@ -15,10 +15,10 @@ from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from guardloop.core.labels import HARMFUL_BY_SEVERITY, HARMFUL_LABELS
+from guardloop.core.yaml_files import YamlFileError, read_yaml
 
 DEFAULT_LIBRARY_PATH = Path(__file__).parent / "guidelines" / "default.yaml"
 # A note, not a hard limit of YAML: an operator's file this large is almost certainly the wrong file.
@@ -182,20 +182,9 @@ class GuidelineLibrary(BaseModel):
 def load_library(path: Path) -> GuidelineLibrary:
     """Read and validate a library file; every problem is a GuidelineError naming the file and the place."""
     try:
-        raw = path.read_bytes()
-    except OSError as exc:
-        raise GuidelineError(f"{path}: cannot read ({exc.strerror or exc})") from exc
-    if len(raw) > MAX_LIBRARY_BYTES:
-        raise GuidelineError(f"{path}: {len(raw)} bytes, more than {MAX_LIBRARY_BYTES}; is this the right file?")
-    try:
-        data = yaml.safe_load(raw.decode("utf-8"))
-    except UnicodeDecodeError as exc:
-        raise GuidelineError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start})") from exc
-    except yaml.YAMLError as exc:
-        where = getattr(exc, "problem_mark", None)
-        at = f" at line {where.line + 1}, column {where.column + 1}" if where else ""
-        problem = getattr(exc, "problem", None) or str(exc)
-        raise GuidelineError(f"{path}: not valid YAML{at} ({problem})") from exc
+        data = read_yaml(path, max_bytes=MAX_LIBRARY_BYTES)
+    except YamlFileError as exc:
+        raise GuidelineError(str(exc)) from exc
     if not isinstance(data, dict):
         raise GuidelineError(f"{path}: expected a mapping with 'version' and 'categories', got {type(data).__name__}")
     try:

@@ -16,10 +16,10 @@ import re
 from pathlib import Path
 from typing import Any
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from guardloop.core.labels import HARMFUL_LABELS, SAFE_LABEL, UnknownLabelError, parse_label
+from guardloop.core.yaml_files import YamlFileError, read_yaml
 
 DEFAULT_POLICY = "default"
 # What a tenant's policy decides per category and overall (service/decisions.py), in rising order.
@@ -169,19 +169,9 @@ def parse_policy(data: Any, source: str) -> PolicyFile:
 def load_policy_file(path: Path) -> PolicyFile:
     """Read and validate a policy file; every problem is one PolicyError naming the file and the place."""
     try:
-        raw = path.read_bytes()
-    except OSError as exc:
-        raise PolicyError(f"{path}: cannot read ({exc.strerror or exc})") from None
-    if len(raw) > MAX_POLICY_BYTES:
-        raise PolicyError(f"{path}: {len(raw)} bytes, more than {MAX_POLICY_BYTES}; is this the right file?")
-    try:
-        data = yaml.safe_load(raw.decode("utf-8"))
-    except UnicodeDecodeError as exc:
-        raise PolicyError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-        raise PolicyError(f"{path}: not valid YAML{at} ({getattr(exc, 'problem', None) or exc})") from None
+        data = read_yaml(path, max_bytes=MAX_POLICY_BYTES)
+    except YamlFileError as exc:
+        raise PolicyError(str(exc)) from None
     return parse_policy(data, str(path))
 
 

@@ -16,12 +16,10 @@ import os
 import shutil
 import subprocess
 import sys
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import httpx
-
+from guardloop.bench.pool import wait_until_ready
 from guardloop.core.errors import UserError
 
 INFINITY_VERSION = "0.0.78"
@@ -128,17 +126,12 @@ def start_infinity(command: Path, model_dir: Path, port: int, *, batch_size: int
     with log_path.open("wb") as log_file:
         process = subprocess.Popen(args, cwd=model_dir, env=env, stdout=log_file, stderr=subprocess.STDOUT)
     peer = PeerProcess(f"http://127.0.0.1:{port}", process, log_path)
-    deadline = time.monotonic() + 300  # imports torch and transformers, then loads and warms the model
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            tail = log_path.read_text(errors="replace").strip().splitlines()[-1:] or ["no output"]
-            raise UserError(f"the Infinity peer exited ({tail[0]}); see {log_path}")
-        try:
-            if httpx.get(f"{peer.url}/health", timeout=2).status_code == 200:
-                return peer
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.2)
+    # 300 s: it imports torch and transformers, then loads and warms the model.
+    if wait_until_ready(process, f"{peer.url}/health", seconds=300):
+        return peer
+    if process.poll() is not None:
+        tail = log_path.read_text(errors="replace").strip().splitlines()[-1:] or ["no output"]
+        raise UserError(f"the Infinity peer exited ({tail[0]}); see {log_path}")
     peer.stop()
     raise UserError(f"the Infinity peer was not ready within 300 s; see {log_path}")
 

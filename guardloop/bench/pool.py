@@ -148,18 +148,25 @@ def start_service(
             stderr=subprocess.STDOUT,
         )
     service = Service(name, f"http://127.0.0.1:{port}", process, log_path)
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise RuntimeError(f"the {name} service exited: {log_path.read_text(errors='replace')[-2000:]}")
+    if wait_until_ready(process, f"{service.url}/readyz", seconds=120):
+        return service
+    if process.poll() is not None:
+        raise RuntimeError(f"the {name} service exited: {log_path.read_text(errors='replace')[-2000:]}")
+    service.stop()
+    raise RuntimeError(f"the {name} service was not ready within 120 s; see {log_path}")
+
+
+def wait_until_ready(process: subprocess.Popen, ready_url: str, *, seconds: float) -> bool:
+    """Poll `ready_url` until it answers 200 (True), the process exits or `seconds` pass (False)."""
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline and process.poll() is None:
         try:
-            if httpx.get(f"{service.url}/readyz", timeout=2).status_code == 200:
-                return service
+            if httpx.get(ready_url, timeout=2).status_code == 200:
+                return True
         except httpx.HTTPError:
             pass
         time.sleep(0.2)
-    service.stop()
-    raise RuntimeError(f"the {name} service was not ready within 120 s; see {log_path}")
+    return False
 
 
 def wait_until_written(service: Service, admin_token: str, timeout: float = 120) -> dict:

@@ -85,6 +85,7 @@ class CycleRunner:
     progress: bool = False
     on_step: Callable[[str, float], None] | None = None
     _steps: list[dict[str, Any]] = field(default_factory=list)
+    _base: tuple[list[Example], list[Example]] | None = None  # _base_sets(): read once per run
 
     def __post_init__(self) -> None:
         self.pool = PoolRepository(self.database)
@@ -100,6 +101,7 @@ class CycleRunner:
     def run(self, *, now: datetime | None = None) -> CycleView:
         """Run (or resume) one cycle under the single-flight lock; returns its record as it ends this run."""
         self.database.ensure_schema()
+        self._base = None  # the operator may have changed the base files since the last run
         with single_flight(self.database, self.settings.data_dir):
             self._fail_interrupted()
             self.registry.remove_stale_staging()
@@ -172,6 +174,12 @@ class CycleRunner:
         if self.on_step:
             self.on_step(name, seconds)
 
+    def _base_sets(self) -> tuple[list[Example], list[Example]]:
+        """The base training data (train, dev), read once per run: every step of a run sees the same files."""
+        if self._base is None:
+            self._base = base_training_sets(self.settings)
+        return self._base
+
     def _current_classifier(self) -> OnnxClassifier | None:
         version = self.registry.current()
         if version is None:
@@ -209,8 +217,7 @@ class CycleRunner:
                 probs,
                 self.settings.cycle_budget,
                 labeled_embeddings=labeled_embeddings,
-                labeled_labels=[ex.label or "" for ex in base_training_sets(self.settings)[0]]
-                + [final.label for final in finals],
+                labeled_labels=[ex.label or "" for ex in self._base_sets()[0]] + [final.label for final in finals],
                 random_state=self.settings.seed + int(now.timestamp()) % 100_000,
                 n_clusters=self.settings.cycle_clusters,
             )
@@ -291,7 +298,7 @@ class CycleRunner:
         counts.update({f"variations_{k}": v for k, v in detail.items() if isinstance(v, int)})
 
         with self._step(cycle, "build training set") as detail:
-            base_train, dev = base_training_sets(self.settings)
+            base_train, dev = self._base_sets()
             # The gold reserve (training_set.py) is never trained on, nor are its items' variations.
             trainable, gold = split_gold(self.reviews.final_labels(), lambda f: f.item_id, self.settings.gold_share)
             human = [(f.text, f.label) for f in trainable]
@@ -375,7 +382,9 @@ class CycleRunner:
 
     def _check_labels(self, cycle: CycleView, now: datetime) -> dict[str, Any]:
         embedder = SentenceEmbedder(self.settings.data_dir / "cache")
-        return cycle_labels.check_labels(self.settings, self.database, self.reviews, embedder, cycle.id, now)
+        return cycle_labels.check_labels(
+            self.settings, self.database, self.reviews, self._base_sets()[0], embedder, cycle.id, now
+        )
 
     def _oracle_second_looks(self) -> int:
         assert self.oracle is not None
@@ -385,7 +394,7 @@ class CycleRunner:
         if self.variation_generator is None:
             return {"skipped": "no LLM configured"}
         return cycle_labels.generate_variations(
-            self.settings, self.reviews, self.cycles, self.variation_generator, cycle.id, current
+            self.settings, self.reviews, self.cycles, self._base_sets()[0], self.variation_generator, cycle.id, current
         )
 
 

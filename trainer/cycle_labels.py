@@ -15,9 +15,10 @@ from guardloop.models.onnx_model import OnnxClassifier
 from guardloop.trainer import steps
 from guardloop.trainer.embeddings import SentenceEmbedder
 from guardloop.trainer.labelers import ORACLE_SECOND_LOOK, OracleLabeler
-from guardloop.trainer.training_set import base_training_sets, is_gold
+from guardloop.trainer.training_set import is_gold
 
 from guardloop.core import telemetry
+from guardloop.core.datafiles import Example
 from guardloop.core.settings import Settings
 from guardloop.storage import Database, ReviewError, ReviewRepository
 from guardloop.storage.cycles import CycleRepository
@@ -33,6 +34,7 @@ def check_labels(
     settings: Settings,
     database: Database,
     reviews: ReviewRepository,
+    base_train: Sequence[Example],
     embedder: SentenceEmbedder,
     cycle_id: str,
     now: datetime,
@@ -45,7 +47,7 @@ def check_labels(
     finals = reviews.final_labels()
     result = steps.check_labels(
         embedder,
-        base_training_sets(settings)[0],
+        base_train,
         [(f.text, f.label) for f in finals],
         [not f.checked for f in finals],
         random_state=settings.seed,
@@ -79,6 +81,7 @@ def generate_variations(
     settings: Settings,
     reviews: ReviewRepository,
     cycles: CycleRepository,
+    base_train: Sequence[Example],
     open_generator: OpenGenerator,
     cycle_id: str,
     current: OnnxClassifier | None,
@@ -94,7 +97,7 @@ def generate_variations(
         return {"items": 0}
     make = generator_variation_maker(open_generator)
     items = [(final.text, final.label) for final in todo]
-    trained_labels = [ex.label or "" for ex in base_training_sets(settings)[0]]
+    trained_labels = [ex.label or "" for ex in base_train]
     trained_labels += [f.label for f in reviews.final_labels()] + [y for _, y in cycles.variations()]
     budgets = steps.variation_budgets(settings.llm_variation_budget, items, trained_labels, settings.llm_variations)
     try:

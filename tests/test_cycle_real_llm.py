@@ -22,7 +22,8 @@ from pathlib import Path
 import pytest
 import torch
 from guardloop.models.registry import ModelRegistry
-from guardloop.trainer.cycle import build_cycle_runner, train_bootstrap_model
+from guardloop.trainer.cycle import build_cycle_runner
+from guardloop.trainer.train import train_bootstrap_model
 
 from guardloop.core.labels import LABELS
 from guardloop.core.seed import SEED_DIR

@@ -63,3 +63,23 @@ def test_the_wheel_holds_one_top_level_package_with_its_data(tmp_path: Path) -> 
     assert any(n.startswith("guardloop/core/guidelines/") and n.endswith(".yaml") for n in names)
     assert any(n.startswith("guardloop/storage/migrations/versions/") and n.endswith(".py") for n in names)
     assert any(n.startswith("guardloop/service/static/") for n in names)
+
+    # Installed into a fresh virtual environment, the wheel adds exactly one importable top-level name.
+    venv = tmp_path / "venv"
+    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, capture_output=True)
+    site = next((venv / "lib").glob("python3*/site-packages"))
+    before = set(_top_level_names(site))
+    install = [str(venv / "bin" / "python"), "-m", "pip", "install", "--no-deps", "--no-index", "-q", str(wheel)]
+    subprocess.run(install, check=True, capture_output=True)
+    assert sorted(set(_top_level_names(site)) - before) == ["guardloop"]
+    # ... and the console script, the one CLI.
+    assert (venv / "bin" / "guardloop").exists()
+
+
+def _top_level_names(site: Path) -> list[str]:
+    """What `import NAME` could find in `site`: packages and modules, not metadata or path hooks."""
+    return [
+        p.name.removesuffix(".py")
+        for p in site.iterdir()
+        if not p.name.endswith((".dist-info", ".pth", ".egg-info")) and p.name != "__pycache__"
+    ]

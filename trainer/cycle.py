@@ -31,14 +31,14 @@ from guardloop.trainer.finetune import FineTuneConfig
 from guardloop.trainer.gate import GateDecision, gate, rules_from
 from guardloop.trainer.labelers import ORACLE_REVIEWER, OracleLabeler
 from guardloop.trainer.rollout_step import advance_rollout, start_shadow
-from guardloop.trainer.train import TrainJob, train_and_publish
-from guardloop.trainer.training_set import base_files, base_training_sets, eval_set, split_gold
+from guardloop.trainer.train import train_bootstrap_model
+from guardloop.trainer.training_set import base_training_sets, eval_set, split_gold
 from guardloop.trainer.variations import VariationGenerator
 from guardloop.trainer.variations.verifier import lazy_embedder
 from sqlalchemy.exc import SQLAlchemyError
 
 from guardloop.core import telemetry
-from guardloop.core.datafiles import Example, load_examples
+from guardloop.core.datafiles import Example
 from guardloop.core.labels import LABELS
 from guardloop.core.settings import Settings
 from guardloop.storage import Database, LabelRequest, PoolRepository, ReviewRepository, StorageError
@@ -343,22 +343,9 @@ class CycleRunner:
                 decision = steps.gate(judged, rules_from(self.settings))
                 detail["promote"] = decision.promote
             reason = f"{decision.reason}; {gate_note}"
-            metrics = {
-                "candidate": judged.candidate,  # on the set the gate judged on (gate_set)
-                "current": judged.current,
-                "gate": reason,
-                "gate_set": judged.name,
-                "gate_drops": decision.drops,
-                "eval_examples": len(held_out),
-                "eval_sets": {
-                    "eval set": fixed.record(),
-                    "gold reserve": {
-                        **(gold_set.record() if gold_set else {"n": 0}),
-                        "per_class": {label: sum(f.label == label for f in gold) for label in LABELS},
-                        "min_per_class": self.settings.gold_min_per_class,
-                    },
-                },
-            }
+            metrics = steps.gate_record(
+                judged, decision, reason, fixed, gold_set, [f.label for f in gold], self.settings.gold_min_per_class
+            )
             if not decision.promote:
                 self.cycles.update(cycle.id, status=REJECTED, reason=reason, metrics=metrics, steps=self._steps)
                 return self.cycles.get(cycle.id)  # type: ignore[return-value]
@@ -396,23 +383,6 @@ class CycleRunner:
         return cycle_labels.generate_variations(
             self.settings, self.reviews, self.cycles, self._base_sets()[0], self.variation_generator, cycle.id, current
         )
-
-
-def train_bootstrap_model(settings: Settings, registry: ModelRegistry, *, progress: bool = True) -> str:
-    """The first model, from the base training data alone (what `serve` does on an empty registry)."""
-    train, dev = base_training_sets(settings)
-    job = TrainJob(
-        train=train,
-        dev=dev,
-        config=FineTuneConfig(seed=settings.seed, epochs=settings.cycle_epochs),
-        fingerprints=load_examples(base_files(settings)).fingerprints,
-        cache_dir=settings.data_dir / "cache",
-        progress=progress,
-        base_model=settings.base_model,
-        teacher=settings.teacher,
-    )
-    outcome = train_and_publish(job, registry)
-    return outcome.version or ""
 
 
 def build_cycle_runner(settings: Settings, *, oracle: Path | None = None, progress: bool = False) -> CycleRunner:

@@ -255,6 +255,35 @@ def gate_set(seed_eval: Judged, gold: Judged | None, min_per_class: int) -> tupl
     return seed_eval, f"gold reserve has {held} items, below {min_per_class} of every class: judged on {seed_eval.name}"
 
 
+def gate_record(
+    judged: Judged,
+    decision: gate_module.GateDecision,
+    reason: str,
+    seed_eval: Judged,
+    gold: Judged | None,
+    gold_labels: Sequence[str],
+    min_per_class: int,
+) -> dict[str, Any]:
+    """What a cycle record keeps of its evaluation and gate: both sets' numbers, which one the gate judged on, and
+    how full the gold reserve is."""
+    return {
+        "candidate": judged.candidate,  # on the set the gate judged on (gate_set)
+        "current": judged.current,
+        "gate": reason,
+        "gate_set": judged.name,
+        "gate_drops": decision.drops,
+        "eval_examples": len(seed_eval.y_true),
+        "eval_sets": {
+            seed_eval.name: seed_eval.record(),
+            "gold reserve": {
+                **(gold.record() if gold else {"n": 0}),
+                "per_class": {label: sum(y == label for y in gold_labels) for label in LABELS},
+                "min_per_class": min_per_class,
+            },
+        },
+    }
+
+
 def gate(judged: Judged, rules: gate_module.GateRules) -> gate_module.GateDecision:
     """Whether the candidate may replace the current model (see gate.py): a paired comparison on `judged`."""
     return gate_module.gate(judged.y_true, judged.candidate_pred, judged.current_pred, rules, set_name=judged.name)

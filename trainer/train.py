@@ -16,10 +16,12 @@ from guardloop.trainer.embeddings import SentenceEmbedder
 from guardloop.trainer.export import export_onnx, onnx_agreement
 from guardloop.trainer.finetune import FineTuneConfig, TrainingExample, fine_tune, predict_proba
 from guardloop.trainer.reference import write_reference
+from guardloop.trainer.training_set import base_files, base_training_sets
 
-from guardloop.core.datafiles import Example
+from guardloop.core.datafiles import Example, load_examples
 from guardloop.core.errors import UserError
 from guardloop.core.labels import LABELS
+from guardloop.core.settings import Settings
 
 log = logging.getLogger(__name__)
 
@@ -150,3 +152,20 @@ def train_and_publish(job: TrainJob, registry: ModelRegistry, *, make_current: b
         card = card.model_copy(update={"version": version, "parent": registry.current()})
         registry.publish(staging, card, make_current=make_current)
     return TrainOutcome(version=version, card=registry.card(version))
+
+
+def train_bootstrap_model(settings: Settings, registry: ModelRegistry, *, progress: bool = True) -> str:
+    """The first model, from the base training data alone (what `serve` does on an empty registry)."""
+    train, dev = base_training_sets(settings)
+    job = TrainJob(
+        train=train,
+        dev=dev,
+        config=FineTuneConfig(seed=settings.seed, epochs=settings.cycle_epochs),
+        fingerprints=load_examples(base_files(settings)).fingerprints,
+        cache_dir=settings.data_dir / "cache",
+        progress=progress,
+        base_model=settings.base_model,
+        teacher=settings.teacher,
+    )
+    outcome = train_and_publish(job, registry)
+    return outcome.version or ""

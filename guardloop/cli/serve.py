@@ -53,7 +53,7 @@ def serve(
     registry = ModelRegistry(settings.registry_dir)
     if registry.current() is None and bootstrap:
         # The train extra (torch, transformers): a serve-only install never gets here with a model published.
-        from guardloop.trainer.cycle import train_bootstrap_model
+        from guardloop.trainer.train import train_bootstrap_model
 
         typer.echo("no model in the registry yet: training a bootstrap model from the seed data", err=True)
         version = train_bootstrap_model(settings, registry)

@@ -3,16 +3,24 @@ a light caller beside heavy and hostile ones)."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Annotated
 
 import typer
 
 from guardloop.bench.classify import run_classify_bench
+from guardloop.bench.infinity_peer import DEFAULT_VENV
+from guardloop.bench.label_check import run_label_check_bench
 from guardloop.bench.neighbours import run_neighbours_bench
+from guardloop.bench.peer import run_peer_bench
+from guardloop.bench.policy_cost import run_policy_bench
 from guardloop.bench.pool import run_pool_bench
 from guardloop.bench.soak import run_soak_bench
 from guardloop.cli.app import app, friendly_errors, load_settings
+from guardloop.core.datafiles import load_examples
+from guardloop.core.errors import UserError
+from guardloop.trainer.training_set import base_files
 
 bench_app = typer.Typer(help="Benchmarks that print numbers.", no_args_is_help=True)
 app.add_typer(bench_app, name="bench")
@@ -44,9 +52,6 @@ def bench_peer(
 ) -> None:
     """guardloop's /classify beside a dedicated inference server (Infinity) on the same ONNX model and cores:
     p50/p99 at concurrency 1, texts/s at 32 and 128, RSS, cold start, and the raw ONNX figures."""
-    from guardloop.bench.infinity_peer import DEFAULT_VENV
-    from guardloop.bench.peer import run_peer_bench
-
     settings = load_settings()
     run_peer_bench(
         settings=settings,
@@ -137,11 +142,6 @@ def bench_quantization(
 ) -> None:
     """fp32, dynamic and static int8 from the same weights: macro-F1 per call and batched, agreement, batch drift,
     latency and throughput on one thread."""
-    import json
-
-    from guardloop.core.datafiles import load_examples
-    from guardloop.core.errors import UserError
-
     if not (checkpoint / "config.json").is_file():
         raise UserError(f"--checkpoint {checkpoint}: no config.json; pass a directory written by save_pretrained")
     examples = load_examples(data).examples
@@ -202,8 +202,6 @@ def bench_policy(
     repeats: Annotated[int, typer.Option(min=1, help="passes over the texts; the median pass is reported")] = 50,
 ) -> None:
     """What a tenant policy adds per classified text (tenant lookup, decision, metrics), beside the forward pass."""
-    from guardloop.bench.policy_cost import run_policy_bench
-
     settings = load_settings()
     run_policy_bench(
         settings.registry_dir, policy or settings.policy_path, repeats=repeats, max_seq_len=settings.max_seq_len
@@ -221,9 +219,6 @@ def bench_label_check(
 ) -> None:
     """How many deliberately flipped labels the suspected-mislabel check (run before each training) catches, and
     how many untouched labels it flags by mistake."""
-    from guardloop.bench.label_check import run_label_check_bench
-    from guardloop.trainer.training_set import base_files
-
     settings = load_settings()
     run_label_check_bench(
         base_files=base or base_files(settings),

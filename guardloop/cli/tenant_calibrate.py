@@ -11,6 +11,7 @@ from guardloop.cli.app import open_database
 from guardloop.core.errors import UserError
 from guardloop.core.settings import Settings
 from guardloop.storage import ReviewRepository
+from guardloop.trainer.tenant_calibration import policy_snippet, tenant_examples, tenant_thresholds, write_policy
 
 
 @dataclass(frozen=True)
@@ -22,9 +23,6 @@ class TenantInputs:
 
 
 def tenant_inputs(settings: Settings, tenant: str, model_thresholds: dict[str, float]) -> TenantInputs:
-    # The train extra (scikit-learn) is already imported by the caller; these are light.
-    from guardloop.trainer.tenant_calibration import tenant_examples, tenant_thresholds
-
     own = tenant_thresholds(settings.policy_path, tenant)
     reviews = ReviewRepository(
         open_database(),
@@ -44,8 +42,6 @@ def finish_tenant(
     settings: Settings, tenant: str, inputs: TenantInputs, calibrated: dict[str, float], version: str, write: bool
 ) -> None:
     """Print the tenant's new thresholds as a policy snippet; with `write`, put them into the policy file."""
-    from guardloop.trainer.tenant_calibration import policy_snippet, write_policy
-
     thresholds = inputs.own | calibrated
     comment = (
         f"guardloop calibrate --tenant {tenant}: {len(inputs.texts)} reviewed texts, model {version}, "

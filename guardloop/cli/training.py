@@ -9,6 +9,7 @@ from typing import Annotated, Any
 import typer
 
 from guardloop.cli.app import app, friendly_errors, load_labeled, load_settings, parse_column, report_bad_rows
+from guardloop.cli.tenant_calibrate import finish_tenant, tenant_inputs
 from guardloop.core.datafiles import load_examples
 from guardloop.core.errors import UserError
 from guardloop.core.labels import LABELS
@@ -295,8 +296,6 @@ def calibrate(
     if write_policy and tenant is None:
         raise UserError("--write-policy needs --tenant NAME")
     if tenant is not None:
-        from guardloop.cli.tenant_calibrate import finish_tenant, tenant_inputs
-
         version, card, classifier = open_version(settings, model)
         inputs = tenant_inputs(settings, tenant, card.thresholds)
         texts, y_true, previous = inputs.texts, inputs.labels, inputs.previous

@@ -5,11 +5,12 @@ so it cannot recognise financial questions (three classes, not six: a model trai
 good enough to be compared fairly on them). The pool holds unlabeled financial questions. With an oracle that
 labels them correctly, the candidate learns the missing class and the default gate promotes it.
 
-The rejection side is tested in tests/test_gate.py (whole cycles, real tiny ONNX models, the gate at its default
-rule). A real-LLM twin of it here (the same questions labeled as emergencies, or emergencies labeled not-harmful)
-no longer has a premise: this module's current model, trained within the test's minutes, underfits (it predicts
-emergency-situation for almost everything), so wrong labels cannot make a candidate worse beyond the paired
-bootstrap's noise on 60 eval texts, and the noise-aware gate rightly promotes what is not measurably worse.
+A second cycle then starts from that promoted model, which knows the class: its oracle files the same
+questions under legal-advice. The candidate it trains unlearns financial-advice, and the gate at its default rule
+rejects it with the paired interval in its reason; the promoted model stays current. (A current model trained
+within the test's minutes on three classes underfits, so wrong labels against it alone stay within the gate's
+noise; the promoted model is the one whose knowledge a wrong cycle can measurably destroy. The gate's rule itself,
+item by item, is tested in tests/test_gate.py.)
 """
 
 from __future__ import annotations
@@ -29,12 +30,15 @@ from guardloop.core.labels import LABELS
 from guardloop.core.seed import SEED_DIR
 from guardloop.core.settings import Settings
 from guardloop.storage import Database, PoolRecord, PoolRepository
-from guardloop.storage.cycles import PROMOTED
+from guardloop.storage.cycles import PROMOTED, REJECTED
 
 pytestmark = pytest.mark.slow
 torch.set_num_threads(1)  # the test machine's cores are shared (the LLM server takes its own one thread)
 
 MISSING = "financial-advice"
+# A class the base data lacks, as financial-advice is: the deficit budget asks the LLM for its variations (a class
+# already as large as the largest gets none).
+WRONG = "legal-advice"
 KNOWN = ("not-harmful", "emergency-situation", "self-harm")
 EVAL_LABELS = (MISSING, "emergency-situation", "not-harmful")
 POOL_SIZE = 10
@@ -92,10 +96,11 @@ def world_settings(root: Path, base: Path, evaluation: Path) -> Settings:
     )
 
 
-def run_cycle(world: dict, tmp_path: Path, oracle_label: str):
+def run_cycle(world: dict, tmp_path: Path, oracle_label: str, registry_from: Path | None = None):
+    """One cycle in a fresh database, from a copy of `registry_from` (default: the world's registry)."""
     settings = world_settings(tmp_path, world["base"], world["eval"])
     assert settings.gate_max_macro_f1_drop == 0.01 and settings.gate_max_recall_drop == 0.05
-    shutil.copytree(world["root"] / "registry", settings.registry_dir)
+    shutil.copytree(registry_from or world["root"] / "registry", settings.registry_dir)
     (tmp_path / "data").mkdir()
     oracle = tmp_path / "oracle.tsv"
     oracle.write_text("text\tlabel\n" + "".join(f"{text}\t{oracle_label}\n" for text in world["pool"]), "utf-8")
@@ -116,8 +121,14 @@ def llm_answered(cycle) -> dict:
     return step
 
 
-def test_a_candidate_that_learns_the_missing_class_is_promoted(world, tmp_path):
-    cycle, registry = run_cycle(world, tmp_path, MISSING)
+@pytest.fixture(scope="module")
+def promoted(world: dict, tmp_path_factory: pytest.TempPathFactory):
+    """The cycle whose oracle labels the financial questions correctly, and its registry."""
+    return run_cycle(world, tmp_path_factory.mktemp("promoted"), MISSING)
+
+
+def test_a_candidate_that_learns_the_missing_class_is_promoted(world, promoted):
+    cycle, registry = promoted
 
     assert cycle.status == PROMOTED, cycle.reason
     llm_answered(cycle)
@@ -132,3 +143,27 @@ def test_a_candidate_that_learns_the_missing_class_is_promoted(world, tmp_path):
     # The drift reference is the traffic it learned from (base data and labels), never the LLM's rewrites.
     assert cycle.counts["variations_total"] > 0
     assert card.training["drift_reference_rows"] == cycle.counts["train_size"] - cycle.counts["variations_total"]
+
+
+def test_a_candidate_taught_wrong_labels_is_rejected_and_the_better_model_keeps_serving(world, promoted, tmp_path):
+    first, first_registry = promoted
+    assert first.status == PROMOTED, first.reason  # the premise: a current model that knows financial questions
+
+    cycle, registry = run_cycle(world, tmp_path, WRONG, registry_from=first_registry.root)
+
+    assert cycle.status == REJECTED, cycle.reason
+    llm_answered(cycle)
+    candidate, current = cycle.metrics["candidate"], cycle.metrics["current"]
+    assert current["per_class_recall"][MISSING] >= 0.3
+    assert candidate["per_class_recall"][MISSING] < current["per_class_recall"][MISSING]
+    # Rejected beyond noise: a drop past its allowance whose paired interval lies above zero, named in the reason.
+    assert "paired bootstrap interval [" in cycle.reason, cycle.reason
+    drops = cycle.metrics["gate_drops"]
+    checked = [("macro-F1", drops["macro_f1"], 0.01)] + [
+        (f"{label} recall", entry, 0.05) for label, entry in drops["per_class_recall"].items()
+    ]
+    rejected_by = [name for name, entry, allowed in checked if entry["drop"] > allowed and entry["low"] > 0]
+    assert rejected_by and cycle.reason.split(": ", 1)[1].startswith(rejected_by[0]), (rejected_by, cycle.reason)
+    # Nothing was published: the promoted model keeps serving.
+    assert registry.current() == first.model_version
+    assert registry.versions() == first_registry.versions()

@@ -11,9 +11,9 @@ import pytest
 from guardloop.models.registry import ModelRegistry
 from sqlalchemy import select
 
-from guardloop.core.labels import LABELS
-from guardloop.storage import UNCERTAIN, Database, PoolRecord, PoolRepository, ReviewerRepository
+from guardloop.storage import Database, PoolRepository, ReviewerRepository
 from guardloop.storage.tables import Reviewer
+from tests.pool_items import uncertain_record
 from tests.test_cli import assert_one_line_error, run_cli
 from tests.tiny_onnx import publish_tiny
 
@@ -27,20 +27,7 @@ def fill(url: str, texts_and_ages: dict[str, float]) -> None:
     database = Database(url)
     database.ensure_schema()
     PoolRepository(database).write_batch(
-        [
-            PoolRecord(
-                text=text,
-                label="financial-advice",
-                scores=dict.fromkeys(LABELS, 0.1) | {"financial-advice": 0.5},
-                uncertainty=0.7,
-                margin=0.4,
-                model_version="v1",
-                sampled_by=UNCERTAIN,
-                client_id="bot",
-                seen_at=now - timedelta(days=age),
-            )
-            for text, age in texts_and_ages.items()
-        ]
+        [uncertain_record(text, now - timedelta(days=age)) for text, age in texts_and_ages.items()]
     )
 
 

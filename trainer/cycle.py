@@ -202,8 +202,9 @@ class CycleRunner:
             embedder = SentenceEmbedder(self.settings.data_dir / "cache")
             embeddings = steps.embed(embedder, [item.text for item in items])
             finals = self.reviews.final_labels()
-            labeled_texts = [final.text for final in finals]
-            labeled_embeddings = steps.embed(embedder, labeled_texts) if labeled_texts else None
+            base = self._base_sets()[0]
+            # Row for row with the labels handed to the strategy below: base data, then reviewed labels.
+            labeled_embeddings = steps.embed(embedder, [ex.text for ex in base] + [final.text for final in finals])
             detail["texts"] = len(items)
         with self._step(cycle, "score") as detail:
             classifier = self._current_classifier()
@@ -217,7 +218,7 @@ class CycleRunner:
                 probs,
                 self.settings.cycle_budget,
                 labeled_embeddings=labeled_embeddings,
-                labeled_labels=[ex.label or "" for ex in self._base_sets()[0]] + [final.label for final in finals],
+                labeled_labels=[ex.label or "" for ex in base] + [final.label for final in finals],
                 random_state=self.settings.seed + int(now.timestamp()) % 100_000,
                 n_clusters=self.settings.cycle_clusters,
             )

@@ -136,6 +136,8 @@ class Simulation:
         pool_hashes = [text_hash(text) for text in pool_texts]
         oracle = OracleLabeler(examples=self.pool)
         pool_embeddings = steps.embed(embedder, pool_texts)
+        base_embeddings = steps.embed(embedder, [ex.text for ex in self.seed_data])
+        trained_rows: list[int] = []  # pool index of each entry of `trained`, for the labeled embeddings
         available = np.ones(len(self.pool), dtype=bool)
 
         base = list(self.seed_data)
@@ -154,13 +156,12 @@ class Simulation:
             started = time.perf_counter()
             candidates = np.flatnonzero(available)
             probs = steps.score(served, [pool_texts[i] for i in candidates])
-            picked_pool = np.flatnonzero(~available)
             selections = steps.select(
                 self.strategy,
                 pool_embeddings[candidates],
                 probs,
                 self.per_iteration,
-                labeled_embeddings=pool_embeddings[picked_pool] if len(picked_pool) else None,
+                labeled_embeddings=np.concatenate([base_embeddings, pool_embeddings[trained_rows]]),
                 labeled_labels=[ex.label or "" for ex in base] + [label for _, label in trained],
                 random_state=seed * 1000 + iteration,
                 n_clusters=self.n_clusters,
@@ -177,6 +178,7 @@ class Simulation:
             trainable, reserved = split_gold(labeled, lambda pair: pair[0], self.gold_share)
             gold += [Example(pool_texts[i], label) for i, label in reserved]
             new_items = [(pool_texts[i], label) for i, label in trainable]
+            trained_rows += [i for i, _ in trainable]
             trained += new_items
             budgets = steps.variation_budgets(
                 self.variation_budget,

@@ -81,13 +81,19 @@ def one_shot(
     pool: Sequence[Example],
     seed_labels: Sequence[str],
     seed: int,
+    seed_emb: np.ndarray,
 ) -> dict[tuple[str, int], Counter]:
     """Oracle label counts of each strategy's first pick of each budget."""
     counts = {}
     for name in strategies:
         for budget in budgets:
             picks = make_strategy(name).select(
-                emb, probs, budget, labeled_labels=list(seed_labels), random_state=seed * 1000 + 1
+                emb,
+                probs,
+                budget,
+                labeled_embeddings=seed_emb,
+                labeled_labels=list(seed_labels),
+                random_state=seed * 1000 + 1,
             )
             counts[(name, budget)] = Counter(pool[s.index].label for s in picks)
     return counts
@@ -113,12 +119,11 @@ def iterate(
     for iteration in range(1, iterations + 1):
         candidates = np.flatnonzero(available)
         _, probs = logreg_probs(train_emb, labels, emb[candidates], seed)
-        picked = np.flatnonzero(~available)
         picks = strategy.select(
             emb[candidates],
             probs,
             per_iteration,
-            labeled_embeddings=emb[picked] if len(picked) else None,
+            labeled_embeddings=train_emb,
             labeled_labels=labels,
             random_state=seed * 1000 + iteration,
         )
@@ -196,7 +201,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             flush=True,
         )
         for (name, budget), counts in one_shot(
-            args.strategies, args.budgets, emb, probs, pool, seed_labels, seed
+            args.strategies, args.budgets, emb, probs, pool, seed_labels, seed, seed_emb
         ).items():
             shots[budget][name].append(counts)
         if args.iterations:

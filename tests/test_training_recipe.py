@@ -150,6 +150,28 @@ def test_distillation_loss_is_temperature_scaled_kl_to_the_teacher():
     assert finetune._loss(matched, unlabeled, teacher, torch.ones(6), config).item() == pytest.approx(0.0, abs=1e-5)
 
 
+def test_class_weighted_distillation_weighs_each_text_by_its_teacher_class():
+    """distill_class_weighted: a text counts with the class weight of the teacher's top class, so a rare class's
+    few texts are not outvoted by the common class's many (the weighted mean, as cross_entropy's `weight`)."""
+    torch.manual_seed(1)
+    logits = torch.randn(4, len(LABELS))
+    teacher = torch.softmax(torch.randn(4, len(LABELS)), dim=-1)
+    teacher[0] = torch.tensor([0.05, 0.05, 0.05, 0.05, 0.75, 0.05])  # top class: emergency-situation
+    teacher[1:] = torch.tensor([0.05, 0.05, 0.05, 0.05, 0.05, 0.75])  # top class: not-harmful
+    weights = torch.ones(len(LABELS))
+    weights[LABELS.index("emergency-situation")] = 5.0
+    unlabeled = torch.full((4,), -1)
+    t = 2.0
+    target = torch.softmax(torch.log(teacher) / t, dim=-1)
+    per_text = (target * (target.log() - torch.log_softmax(logits / t, dim=-1))).sum(dim=1) * t * t
+    plain = finetune._loss(logits, unlabeled, teacher, weights, FineTuneConfig()).item()
+    weighted = finetune._loss(logits, unlabeled, teacher, weights, FineTuneConfig(distill_class_weighted=True)).item()
+    assert plain == pytest.approx(per_text.mean().item(), 1e-5)  # off: class weights do not touch distillation
+    text_weights = torch.tensor([5.0, 1.0, 1.0, 1.0])
+    assert weighted == pytest.approx(((per_text * text_weights).sum() / text_weights.sum()).item(), 1e-5)
+    assert weighted != pytest.approx(plain, 1e-3)
+
+
 def kl(p: np.ndarray, q: np.ndarray) -> float:
     return float((p * (np.log(p + 1e-9) - np.log(q + 1e-9))).sum(axis=1).mean())
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from guardloop.trainer.strategies import RareAwareCluster, make_strategy, neighbour_evidence
+from guardloop.trainer.strategies import RareAwareCluster, entropy, make_strategy, neighbour_evidence
 
 from guardloop.core.labels import LABELS, SAFE_LABEL
 
@@ -90,3 +90,25 @@ def test_labeled_embeddings_must_match_the_labels_row_for_row():
     emb, probs, _, labeled, labels = blind_pool()
     with pytest.raises(ValueError, match="labeled embeddings but"):
         make_strategy("rare-cluster").select(emb, probs, 5, labeled_embeddings=labeled[:-1], labeled_labels=labels)
+
+
+def test_the_uncertainty_part_takes_the_dominant_class_only_up_to_its_share_of_the_pool():
+    """Heterogeneous not-harmful posts (a quarter of this pool, spread over many topics) that the model is unsure
+    about everywhere, and confident common classes: without a cap they fill the whole uncertainty half."""
+    rng = np.random.default_rng(3)
+    common = [c for c in range(len(LABELS)) if c != SAFE]
+    truth = np.array([SAFE] * 250 + [c for c in common for _ in range(150)])
+    centers = rng.normal(0, 10, size=(len(LABELS) + 25, 16))
+    blob = np.where(truth == SAFE, len(LABELS) + rng.integers(0, 25, size=len(truth)), truth)
+    emb = centers[blob] + rng.normal(0, 2, size=(len(truth), 16))
+    logits = rng.normal(0, 0.3, size=(len(truth), len(LABELS)))
+    logits[np.arange(len(truth)), truth] += np.where(truth == SAFE, 0.7, 4.0)
+    probs = np.exp(logits) / np.exp(logits).sum(axis=1, keepdims=True)
+    labeled_truth = np.array([c for c in common for _ in range(20)] + [SAFE] * 50)
+    labeled_blob = np.where(labeled_truth == SAFE, len(LABELS) + np.arange(len(labeled_truth)) % 25, labeled_truth)
+    labeled = centers[labeled_blob] + rng.normal(0, 2, size=(len(labeled_truth), 16))
+    labels = [LABELS[c] for c in labeled_truth]
+    assert (truth[np.argsort(-entropy(probs))[:100]] == SAFE).all()  # the 100 most uncertain: all not-harmful
+    picks = RareAwareCluster().select(emb, probs, 20, labeled_embeddings=labeled, labeled_labels=labels)
+    assert 1 <= sum(truth[s.index] == SAFE for s in picks) <= 6  # a quarter of the pool: about 5 of 20
+    assert [s.reason["slot"] for s in picks].count("uncertainty") == 10

@@ -302,9 +302,17 @@ class RareAwareCluster:
                     filled[c] += 1
                     if filled[c] >= limit[c]:
                         active.remove(c)
-        everyone = np.arange(n)
-        while len(picks) < full_budget:  # the most uncertain items left, spread over clusters
-            take(best(everyone, uncertainty + 1e-9), {"quota_class": None, "slot": "uncertainty"})  # type: ignore[arg-type]
+        # The rest: the most uncertain items left, spread over clusters; items of the dominant class (by evidence)
+        # only up to its share of the pool, since the model is unsure about heterogeneous not-harmful posts
+        # everywhere and they would otherwise take this whole part.
+        dominant_cap = max(1, round(full_budget * float(np.mean(predicted == dominant))))
+        others = np.flatnonzero(predicted != dominant)
+        while len(picks) < full_budget:
+            n_dominant = sum(predicted[p.index] == dominant for p in picks)
+            i = best(others, uncertainty + 1e-9) if n_dominant >= dominant_cap else None
+            if i is None:
+                i = best(np.arange(n), uncertainty + 1e-9)
+            take(i, {"quota_class": None, "slot": "uncertainty"})  # type: ignore[arg-type]
         return picks
 
 

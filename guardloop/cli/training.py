@@ -44,10 +44,10 @@ def _train(
     # The train extra (torch, transformers), imported only after the data has been checked: bad input fails fast,
     # and a serve-only install still runs every other command.
     from guardloop.trainer.finetune import FineTuneConfig
-    from guardloop.trainer.train import TrainJob, train_and_publish
+    from guardloop.trainer.train import TEACHER_EPOCHS, TrainJob, train_and_publish
 
     teacher = config_overrides.pop("teacher", None)
-    teacher_epochs = config_overrides.pop("teacher_epochs", 4)
+    teacher_epochs = config_overrides.pop("teacher_epochs", None) or TEACHER_EPOCHS
     base_model = config_overrides.pop("base_model", None)
     config = FineTuneConfig(seed=settings.seed, **{k: v for k, v in config_overrides.items() if v is not None})
     fingerprints = dict(train_data.fingerprints) | (dev_data.fingerprints if dev_data else {})
@@ -102,7 +102,9 @@ def train(
             help="distill from a teacher: 'mpnet' (all-mpnet-base-v2) or a local Hugging Face encoder directory"
         ),
     ] = None,
-    teacher_epochs: Annotated[int, typer.Option(min=1)] = 4,
+    teacher_epochs: Annotated[
+        int | None, typer.Option(min=1, help="the teacher's most epochs (default 10; early stopping on --dev)")
+    ] = None,
     unlabeled: Annotated[list[Path] | None, typer.Option(help="unlabeled texts for the teacher to soft-label")] = None,
 ) -> None:
     """Fine-tune the student (all-MiniLM-L6-v2 or --base-model), export int8 ONNX, verify it against torch, publish

@@ -32,8 +32,10 @@ MAX_MEAN_PROB_DIFF = 0.02
 
 # The teacher's epoch limit; early stopping on dev macro-F1 picks the epoch. At 4 the mpnet teacher was still
 # improving and scored below the student it was to teach (dev macro-F1 74.8 and 73.7 vs the student's 79.5 and
-# 74.5, emergency-situation F1 on dev 0.0-0.4), so distilling it could only pull the rare classes down; with 10
-# (seed 13) it stopped at epoch 8, best at 5: dev macro-F1 78.9, emergency F1 0.60. About 20 min on one core.
+# 74.5; emergency-situation F1 on dev 0.29 for both), so distilling it could only pull the rare classes down;
+# with 10 (seed 13) it stopped at epoch 8, best at 5: dev macro-F1 78.9, emergency F1 0.60. About 20 min on one
+# core. (A student distilled from that teacher still scored below the plain student on dev, 76.7 vs 79.5, so
+# distillation stays opt-in: `--teacher`.)
 TEACHER_EPOCHS = 10
 
 

@@ -143,6 +143,9 @@ class ClusterEntropy:
         return picks
 
 
+_SIMILARITY_ROWS = 2048
+
+
 def neighbour_evidence(
     embeddings: np.ndarray,
     labeled_embeddings: np.ndarray,
@@ -162,10 +165,12 @@ def neighbour_evidence(
     scores = np.full((len(a), len(names)), -np.inf)
     for c, name in enumerate(names):
         members = b[labels == name]
-        if len(members):
-            sims = a @ members.T
-            top = min(k, sims.shape[1])
-            scores[:, c] = np.partition(sims, sims.shape[1] - top, axis=1)[:, -top:].mean(axis=1)
+        top = min(k, len(members))
+        # Pool rows in chunks: a cycle's 20,000 items against thousands of labeled texts of one class would
+        # otherwise hold a similarity matrix of hundreds of MB.
+        for start in range(0, len(a) if top else 0, _SIMILARITY_ROWS):
+            sims = a[start : start + _SIMILARITY_ROWS] @ members.T
+            scores[start : start + len(sims), c] = np.partition(sims, sims.shape[1] - top, axis=1)[:, -top:].mean(1)
     logits = (scores - scores.max(axis=1, keepdims=True)) / temperature
     weights = np.exp(logits)  # exp(-inf) = 0 for a class without labeled texts
     return weights / weights.sum(axis=1, keepdims=True)
@@ -230,25 +235,24 @@ class RareAwareCluster:
                 raise ValueError(f"labeled label {label!r} is not one of {', '.join(names)}")
             labeled_counts[names.index(label)] += 1
         uncertainty = entropy(probs)
-        evidence_kind = "model"
+        evidence, evidence_kind = probs, "model"  # each item's class evidence, rows summing to 1
         if labeled_embeddings is not None and len(labeled_embeddings) and self.neighbour_weight > 0:
             if len(labeled_embeddings) != len(labeled_labels or ()):
                 raise ValueError(f"{len(labeled_embeddings)} labeled embeddings but {len(labeled_labels or ())} labels")
-            evidence = neighbour_evidence(embeddings, labeled_embeddings, labeled_labels or (), names)
-            probs = (1 - self.neighbour_weight) * probs + self.neighbour_weight * evidence
+            nearby = neighbour_evidence(embeddings, labeled_embeddings, labeled_labels or (), names)
+            evidence = (1 - self.neighbour_weight) * probs + self.neighbour_weight * nearby
             evidence_kind = "model+neighbours"
-        predicted = probs.argmax(axis=1)
-        full_budget = budget
-        budget = max(1, round(self.class_share * full_budget))  # the class quotas' part; the rest: by uncertainty
-        quotas = _quotas((1.0 + labeled_counts) ** -self.rarity_power, budget)
+        predicted = evidence.argmax(axis=1)
+        quota_budget = max(1, round(self.class_share * budget))  # the class quotas' part; the rest: by uncertainty
+        quotas = _quotas((1.0 + labeled_counts) ** -self.rarity_power, quota_budget)
         dominant = int(np.bincount(predicted, minlength=n_classes).argmax())
-        cap = -(-budget // n_classes)
+        cap = -(-quota_budget // n_classes)
         if quotas[dominant] > cap:  # the surplus goes to the other classes, by weight
             surplus, quotas[dominant] = quotas[dominant] - cap, cap
             others = np.delete(np.arange(n_classes), dominant)
             quotas[others] += _quotas((1.0 + labeled_counts[others]) ** -self.rarity_power, surplus)
 
-        k = min(self.n_clusters or full_budget, n)
+        k = min(self.n_clusters or budget, n)
         clusters = KMeans(n_clusters=k, n_init=4, random_state=random_state).fit_predict(embeddings)
         cluster_uses = np.zeros(k, dtype=int)
         cluster_sizes = np.bincount(clusters, minlength=k)
@@ -277,15 +281,16 @@ class RareAwareCluster:
             discounted = score[free] * self.cluster_decay ** cluster_uses[clusters[free]]
             return int(free[np.argmax(discounted)])  # argmax takes the first of equal scores: deterministic
 
-        members = [np.flatnonzero((predicted == c) | (probs[:, c] >= self.min_mass)) for c in range(n_classes)]
-        score = [probs[:, c] ** self.likelihood_power * uncertainty for c in range(n_classes)]
+        members = [np.flatnonzero((predicted == c) | (evidence[:, c] >= self.min_mass)) for c in range(n_classes)]
+        score = [evidence[:, c] ** self.likelihood_power * uncertainty for c in range(n_classes)]
         order = np.argsort(labeled_counts, kind="stable")  # least represented class picks first
-        for slot, limit in (("quota", quotas), ("spare", np.where(np.arange(n_classes) == dominant, cap, budget))):
+        spare_limits = np.where(np.arange(n_classes) == dominant, cap, quota_budget)
+        for slot, limit in (("quota", quotas), ("spare", spare_limits)):
             filled = np.array([sum(p.reason.get("quota_class") == names[c] for p in picks) for c in range(n_classes)])
             active = [int(c) for c in order if filled[c] < limit[c]]
-            while active and len(picks) < budget:
+            while active and len(picks) < quota_budget:
                 for c in list(active):
-                    i = best(members[c], score[c]) if len(picks) < budget else None
+                    i = best(members[c], score[c]) if len(picks) < quota_budget else None
                     if i is None:
                         active.remove(c)
                         continue
@@ -296,7 +301,7 @@ class RareAwareCluster:
                             "quota": int(quotas[c]),
                             "slot": slot,
                             "labeled_count": int(labeled_counts[c]),
-                            "p_class": float(probs[i, c]),
+                            "p_class": float(evidence[i, c]),
                         },
                     )
                     filled[c] += 1
@@ -305,13 +310,13 @@ class RareAwareCluster:
         # The rest: the most uncertain items left, spread over clusters; items of the dominant class (by evidence)
         # only up to its share of the pool, since the model is unsure about heterogeneous not-harmful posts
         # everywhere and they would otherwise take this whole part.
-        dominant_cap = max(1, round(full_budget * float(np.mean(predicted == dominant))))
-        others = np.flatnonzero(predicted != dominant)
-        while len(picks) < full_budget:
-            n_dominant = sum(predicted[p.index] == dominant for p in picks)
-            i = best(others, uncertainty + 1e-9) if n_dominant >= dominant_cap else None
-            if i is None:
-                i = best(np.arange(n), uncertainty + 1e-9)
+        dominant_cap = max(1, round(budget * float(np.mean(predicted == dominant))))
+        n_dominant = sum(int(predicted[p.index] == dominant) for p in picks)
+        not_dominant, everyone = np.flatnonzero(predicted != dominant), np.arange(n)
+        while len(picks) < budget:
+            i = best(not_dominant, uncertainty + 1e-9) if n_dominant >= dominant_cap else None
+            i = best(everyone, uncertainty + 1e-9) if i is None else i
+            n_dominant += int(predicted[i] == dominant)  # type: ignore[index]
             take(i, {"quota_class": None, "slot": "uncertainty"})  # type: ignore[arg-type]
         return picks
 

@@ -77,6 +77,21 @@ def test_neighbour_evidence_is_balanced_over_class_sizes():
     assert evidence[0, LABELS.index("self-harm")] == 0.0  # no labeled text: no evidence
 
 
+def test_a_rare_class_in_separate_places_is_judged_by_its_nearest_example():
+    """Five labeled emergencies on five different topics (storm, first aid, ...): a pool text on one of those
+    topics is an emergency by its nearest labeled text. The mean of a class's 3 nearest blurs the five into one
+    region, and a common class whose many texts sit at a middling distance outvotes it (`neighbours` 1)."""
+    directions = np.eye(8)
+    rare_labeled = directions[:5]  # one emergency per topic
+    common_labeled = np.tile(0.75 * directions[0] + 0.66 * directions[7], (40, 1))  # near topic 0, never on it
+    labeled = np.concatenate([rare_labeled, common_labeled])
+    labels = ["emergency-situation"] * 5 + ["not-harmful"] * 40
+    on_topic_0 = directions[[0]]
+    assert neighbour_evidence(on_topic_0, labeled, labels, LABELS, k=3)[0].argmax() == SAFE
+    judged = neighbour_evidence(on_topic_0, labeled, labels, LABELS, k=RareAwareCluster().neighbours)
+    assert judged[0].argmax() == RARE
+
+
 def test_class_share_leaves_the_rest_to_uncertainty_over_clusters():
     emb, probs, _, labeled, labels = blind_pool()
     picks = RareAwareCluster(class_share=0.5).select(emb, probs, 20, labeled_embeddings=labeled, labeled_labels=labels)

@@ -14,15 +14,18 @@ from pathlib import Path
 
 import pytest
 from guardloop.models.registry import ModelRegistry
+from guardloop.trainer import steps
 from guardloop.trainer.cycle import CycleBusy, CycleRunner, OracleLabeler, single_flight
 from guardloop.trainer.variations import VariationConfig, VariationGenerator
 
+from guardloop.core.datafiles import Example
 from guardloop.core.labels import LABELS
 from guardloop.core.seed import SEED_DIR
 from guardloop.core.settings import Settings
 from guardloop.storage import Database, PoolRecord, PoolRepository, ReviewRepository
 from guardloop.storage.cycles import AWAITING_LABELS, FAILED, PROMOTED, REJECTED, CycleRepository
 from tests.conftest import free_port
+from tests.tiny_bert import write_tiny_bert
 from tests.tiny_onnx import publish_tiny
 
 SEED = SEED_DIR
@@ -242,3 +245,52 @@ def test_a_cycle_killed_mid_training_leaves_everything_consistent(cycle_env, tmp
     # The killed cycle's labels are kept and learned from by the next one.
     assert next_cycle.status in (PROMOTED, REJECTED, "skipped")
     assert len(ReviewRepository(database).final_labels()) >= 6
+
+
+def test_distillation_texts_are_the_newest_pool_texts_not_trained_on():
+    now = datetime.now(UTC)
+
+    class Item:
+        def __init__(self, text: str, age: int) -> None:
+            self.text, self.last_seen = text, now - timedelta(minutes=age)
+
+    items = [Item("old", 30), Item("labeled", 1), Item("newest", 0), Item("middle", 10)]
+    train = [Example("labeled", "legal-advice")]
+    assert steps.distillation_texts(items, train, 2) == ["newest", "middle"]
+    assert steps.distillation_texts(items, train, 10) == ["newest", "middle", "old"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("teacher", [True, False])
+def test_a_cycle_with_a_teacher_distills_on_its_own_pool(cycle_env, tmp_path, monkeypatch, teacher):
+    """With GUARDLOOP_TEACHER the teacher soft-labels the pool's newest texts (up to teacher_unlabeled_max), not
+    the training texts twice; without one, no pool text reaches training. The teacher itself is not trained here
+    (its recipe has its own tests): the recorded call goes on to train without it."""
+    settings, database, oracle = cycle_env
+    publish_tiny(ModelRegistry(settings.registry_dir), tmp_path, favour="legal-advice")
+    update = {"gate_max_macro_f1_drop": 1.0, "gate_max_recall_drop": 1.0, "teacher_unlabeled_max": 5}
+    if teacher:
+        update["teacher"] = str(write_tiny_bert(tmp_path / "teacher"))
+    settings = settings.model_copy(update=update)
+    calls: list[dict] = []
+    real_train = steps.train
+
+    def recording_train(examples, dev, config, work_dir, **kwargs):
+        calls.append({"texts": {ex.text for ex in examples}, **kwargs})
+        return real_train(examples, dev, config, work_dir, **{**kwargs, "teacher": None, "unlabeled": ()})
+
+    monkeypatch.setattr(steps, "train", recording_train)
+
+    cycle = runner_for(settings, database, oracle).run()
+
+    assert cycle.status == PROMOTED, cycle.reason
+    (call,) = calls
+    step = next(step for step in cycle.steps if step["step"] == "train and export")
+    if not teacher:
+        assert call["unlabeled"] == [] and step["unlabeled"] == 0
+        return
+    unlabeled = list(call["unlabeled"])
+    assert len(unlabeled) == 5 == step["unlabeled"]
+    pool_by_age = [text for text in POOL_TEXTS if text not in call["texts"]]  # fill_pool: first = newest
+    assert unlabeled == pool_by_age[:5]
+    assert not set(unlabeled) & call["texts"]

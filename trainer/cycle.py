@@ -316,6 +316,9 @@ class CycleRunner:
         held_out = eval_set(self.settings)
         with tempfile.TemporaryDirectory(prefix="guardloop-cycle-") as tmp:
             with self._step(cycle, "train and export") as detail:
+                limit = self.settings.teacher_unlabeled_max if self.settings.teacher else 0
+                unlabeled = steps.distillation_texts(self.pool.iter_items(), train, limit) if limit else []
+                detail["unlabeled"] = len(unlabeled)
                 staging, card = steps.train(
                     train,
                     dev,
@@ -326,6 +329,7 @@ class CycleRunner:
                     progress=self.progress,
                     base_model=self.settings.base_model,
                     teacher=self.settings.teacher,
+                    unlabeled=unlabeled,
                     reference_texts=[ex.text for ex in base_train] + [text for text, _ in human],
                 )
                 detail["dev_macro_f1"] = (card.metrics.get("dev") or {}).get("macro_f1")

@@ -13,7 +13,7 @@ stay in cycle.py; everything that decides what is picked, learned and promoted i
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -68,6 +68,14 @@ def snapshot(items: Sequence[R], exclude_ids: set[int], limit: int) -> list[R]:
     """The newest `limit` pool items that are not labeled already."""
     fresh = [item for item in items if item.id not in exclude_ids]
     return sorted(fresh, key=lambda item: item.last_seen, reverse=True)[:limit]
+
+
+def distillation_texts(items: Iterable[Any], train: Sequence[Example], limit: int) -> list[str]:
+    """The newest `limit` pool texts the student does not already train on (by label): the teacher's soft labels
+    on them carry the deployment's own traffic into the student. `items`: pool items (text, last_seen)."""
+    training = {ex.text for ex in train}
+    fresh = [item for item in items if item.text not in training]
+    return [item.text for item in sorted(fresh, key=lambda item: item.last_seen, reverse=True)[:limit]]
 
 
 def embed(embedder: SentenceEmbedder, texts: Sequence[str]) -> np.ndarray:
@@ -192,10 +200,12 @@ def train(
     progress: bool = False,
     base_model: Path | None = None,
     teacher: str | Path | None = None,
+    unlabeled: Sequence[str] = (),
     reference_texts: Sequence[str] | None = None,
 ) -> tuple[Path, ModelCard]:
     """Fine-tune, export int8 ONNX and check it against torch, into `work_dir`: (staging dir, unpublished card).
     `base_model`, `teacher`: settings.base_model and settings.teacher (None: MiniLM, no distillation).
+    `unlabeled`: texts the teacher soft-labels for the student (the cycle's pool); ignored without a teacher.
     `reference_texts`: what the drift reference is drawn from (TrainJob says why variations stay out of it)."""
     job = TrainJob(
         train=examples,
@@ -206,6 +216,7 @@ def train(
         progress=progress,
         base_model=base_model,
         teacher=teacher,
+        unlabeled=unlabeled if teacher else (),
         reference_texts=reference_texts,
     )
     return train_model(job, work_dir)

@@ -18,7 +18,6 @@ from guardloop.trainer import steps
 from guardloop.trainer.cycle import CycleBusy, CycleRunner, OracleLabeler, single_flight
 from guardloop.trainer.variations import VariationConfig, VariationGenerator
 
-from guardloop.core.datafiles import Example
 from guardloop.core.labels import LABELS
 from guardloop.core.seed import SEED_DIR
 from guardloop.core.settings import Settings
@@ -255,20 +254,25 @@ def test_distillation_texts_are_the_newest_pool_texts_not_trained_on():
             self.text, self.last_seen = text, now - timedelta(minutes=age)
 
     items = [Item("old", 30), Item("labeled", 1), Item("newest", 0), Item("middle", 10)]
-    train = [Example("labeled", "legal-advice")]
-    assert steps.distillation_texts(items, train, 2) == ["newest", "middle"]
-    assert steps.distillation_texts(items, train, 10) == ["newest", "middle", "old"]
+    assert steps.distillation_texts(items, ["labeled"], 2) == ["newest", "middle"]
+    assert steps.distillation_texts(items, ["labeled"], 10) == ["newest", "middle", "old"]
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("teacher", [True, False])
 def test_a_cycle_with_a_teacher_distills_on_its_own_pool(cycle_env, tmp_path, monkeypatch, teacher):
-    """With GUARDLOOP_TEACHER the teacher soft-labels the pool's newest texts (up to teacher_unlabeled_max), not
-    the training texts twice; without one, no pool text reaches training. The teacher itself is not trained here
+    """With GUARDLOOP_TEACHER the teacher soft-labels the pool's newest texts, never
+    a text the student trains on by label or one the gate judges it on (the gold reserve); without a teacher, no
+    pool text reaches training. The teacher itself is not trained here
     (its recipe has its own tests): the recorded call goes on to train without it."""
     settings, database, oracle = cycle_env
     publish_tiny(ModelRegistry(settings.registry_dir), tmp_path, favour="legal-advice")
-    update = {"gate_max_macro_f1_drop": 1.0, "gate_max_recall_drop": 1.0, "teacher_unlabeled_max": 5}
+    update = {
+        "gate_max_macro_f1_drop": 1.0,
+        "gate_max_recall_drop": 1.0,
+        "teacher_unlabeled_max": 1000,
+        "gold_share": 0.5,
+    }
     if teacher:
         update["teacher"] = str(write_tiny_bert(tmp_path / "teacher"))
     settings = settings.model_copy(update=update)
@@ -290,7 +294,10 @@ def test_a_cycle_with_a_teacher_distills_on_its_own_pool(cycle_env, tmp_path, mo
         assert call["unlabeled"] == [] and step["unlabeled"] == 0
         return
     unlabeled = list(call["unlabeled"])
-    assert len(unlabeled) == 5 == step["unlabeled"]
-    pool_by_age = [text for text in POOL_TEXTS if text not in call["texts"]]  # fill_pool: first = newest
-    assert unlabeled == pool_by_age[:5]
-    assert not set(unlabeled) & call["texts"]
+    assert len(unlabeled) == step["unlabeled"]
+    labeled = {f.text for f in ReviewRepository(database).final_labels()}
+    gold = labeled - call["texts"]  # labeled, never trained on: the gold reserve
+    assert gold, "the test needs a gold reserve"
+    unlabeled_by_age = [text for text in POOL_TEXTS if text not in labeled]  # fill_pool: first = newest
+    assert unlabeled == unlabeled_by_age  # every pool text nobody labeled, newest first (the limit: test above)
+    assert not set(unlabeled) & (call["texts"] | gold)

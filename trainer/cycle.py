@@ -317,7 +317,8 @@ class CycleRunner:
         with tempfile.TemporaryDirectory(prefix="guardloop-cycle-") as tmp:
             with self._step(cycle, "train and export") as detail:
                 limit = self.settings.teacher_unlabeled_max if self.settings.teacher else 0
-                unlabeled = steps.distillation_texts(self.pool.iter_items(), train, limit) if limit else []
+                judged = [ex.text for ex in [*train, *dev, *held_out]] + [f.text for f in gold]  # never unlabeled
+                unlabeled = steps.distillation_texts(self.pool.iter_items(), judged, limit) if limit else []
                 detail["unlabeled"] = len(unlabeled)
                 staging, card = steps.train(
                     train,

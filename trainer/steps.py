@@ -70,11 +70,12 @@ def snapshot(items: Sequence[R], exclude_ids: set[int], limit: int) -> list[R]:
     return sorted(fresh, key=lambda item: item.last_seen, reverse=True)[:limit]
 
 
-def distillation_texts(items: Iterable[Any], train: Sequence[Example], limit: int) -> list[str]:
-    """The newest `limit` pool texts the student does not already train on (by label): the teacher's soft labels
-    on them carry the deployment's own traffic into the student. `items`: pool items (text, last_seen)."""
-    training = {ex.text for ex in train}
-    fresh = [item for item in items if item.text not in training]
+def distillation_texts(items: Iterable[Any], exclude: Iterable[str], limit: int) -> list[str]:
+    """The newest `limit` pool texts outside `exclude` (what the student trains on by label, and every text an
+    evaluation judges it on: gold reserve, eval set, dev): the teacher's soft labels on them carry the
+    deployment's own traffic into the student. `items`: pool items (text, last_seen)."""
+    excluded = set(exclude)
+    fresh = [item for item in items if item.text not in excluded]
     return [item.text for item in sorted(fresh, key=lambda item: item.last_seen, reverse=True)[:limit]]
 
 

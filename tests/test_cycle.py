@@ -251,11 +251,12 @@ def test_distillation_texts_are_the_newest_pool_texts_not_trained_on():
 
     class Item:
         def __init__(self, text: str, age: int) -> None:
-            self.text, self.last_seen = text, now - timedelta(minutes=age)
+            self.id, self.text, self.last_seen = age, text, now - timedelta(minutes=age)
 
     items = [Item("old", 30), Item("labeled", 1), Item("newest", 0), Item("middle", 10)]
     assert steps.distillation_texts(items, ["labeled"], 2) == ["newest", "middle"]
     assert steps.distillation_texts(items, ["labeled"], 10) == ["newest", "middle", "old"]
+    assert steps.distillation_texts(iter(()), [], 0) == []
 
 
 @pytest.mark.slow

@@ -316,9 +316,9 @@ class CycleRunner:
         held_out = eval_set(self.settings)
         with tempfile.TemporaryDirectory(prefix="guardloop-cycle-") as tmp:
             with self._step(cycle, "train and export") as detail:
-                limit = self.settings.teacher_unlabeled_max if self.settings.teacher else 0
+                limit = self.settings.teacher_unlabeled_max if self.settings.teacher else 0  # only a teacher reads it
                 judged = [ex.text for ex in [*train, *dev, *held_out]] + [f.text for f in gold]  # never unlabeled
-                unlabeled = steps.distillation_texts(self.pool.iter_items(), judged, limit) if limit else []
+                unlabeled = steps.distillation_texts(self.pool.iter_items(), judged, limit)
                 detail["unlabeled"] = len(unlabeled)
                 staging, card = steps.train(
                     train,

@@ -65,7 +65,7 @@ VariationMaker = Callable[[Sequence[tuple[str, str]], Proba | None], Generated]
 
 
 def snapshot(items: Sequence[R], exclude_ids: set[int], limit: int) -> list[R]:
-    """The newest `limit` pool items that are not labeled already."""
+    """The newest `limit` pool items (id, last_seen) that are not labeled already."""
     fresh = [item for item in items if item.id not in exclude_ids]
     return sorted(fresh, key=lambda item: item.last_seen, reverse=True)[:limit]
 
@@ -73,10 +73,11 @@ def snapshot(items: Sequence[R], exclude_ids: set[int], limit: int) -> list[R]:
 def distillation_texts(items: Iterable[Any], exclude: Iterable[str], limit: int) -> list[str]:
     """The newest `limit` pool texts outside `exclude` (what the student trains on by label, and every text an
     evaluation judges it on: gold reserve, eval set, dev): the teacher's soft labels on them carry the
-    deployment's own traffic into the student. `items`: pool items (text, last_seen)."""
+    deployment's own traffic into the student. `items`: pool items (id, text, last_seen)."""
+    if limit <= 0:
+        return []  # the items are not even read
     excluded = set(exclude)
-    fresh = [item for item in items if item.text not in excluded]
-    return [item.text for item in sorted(fresh, key=lambda item: item.last_seen, reverse=True)[:limit]]
+    return [item.text for item in snapshot([item for item in items if item.text not in excluded], set(), limit)]
 
 
 def embed(embedder: SentenceEmbedder, texts: Sequence[str]) -> np.ndarray:
@@ -217,7 +218,7 @@ def train(
         progress=progress,
         base_model=base_model,
         teacher=teacher,
-        unlabeled=unlabeled if teacher else (),
+        unlabeled=unlabeled,
         reference_texts=reference_texts,
     )
     return train_model(job, work_dir)

@@ -34,6 +34,7 @@ from guardloop.trainer.variations import (
 )
 from guardloop.trainer.variations.llm_server import LLMServerError, LocalLLMServer
 
+from guardloop.core import telemetry
 from guardloop.core.labels import LABELS
 from tests.conftest import free_port, wait_for
 
@@ -370,6 +371,62 @@ def test_surplus_variations_are_cut_to_k(fake_llm) -> None:
     with generator(base_url, k=2) as gen:
         result = gen.generate(ORIGINAL, "legal-advice")
     assert len(result.accepted) == 2 and result.filtered == {"surplus": 1}
+
+
+MORE_ANSWER = (
+    "1. my landlord is keeping the whole deposit for a stain you can barely see, can he do that?\n"
+    "2. do i have to accept losing my deposit over a small spot on the carpet?\n"
+)
+
+
+def llm_requests_counted() -> float:
+    samples = telemetry.LLM_REQUESTS.collect()[0].samples
+    return next(sample.value for sample in samples if sample.name == "guardloop_llm_requests_total")
+
+
+def test_rounds_ask_again_until_k_rewrites_are_accepted(fake_llm) -> None:
+    fake, base_url = fake_llm
+    fake.script = ["ok", "ok", MORE_ANSWER]  # the second answer only repeats the first: nothing new from it
+    counted = llm_requests_counted()
+    with generator(base_url, k=5, rounds=4) as gen:
+        result = gen.generate(ORIGINAL, "legal-advice")
+    assert llm_requests_counted() - counted == 3  # Prometheus counts each round's request
+    first, more = ([clean_line(line) for line in answer.splitlines()] for answer in (GOOD_ANSWER, MORE_ANSWER))
+    assert result.accepted == first + more and not result.failed
+    assert len(fake.requests) == 3 and result.rounds == 3  # k reached: the fourth round is not sent
+    assert result.filtered == {"duplicate": 3} and result.completion_tokens == 3 * 42
+    assert gen.stats.accepted == 5 and gen.stats.items == 1
+
+
+def test_one_round_is_the_papers_single_request(fake_llm) -> None:
+    fake, base_url = fake_llm
+    with generator(base_url, k=5) as gen:
+        result = gen.generate(ORIGINAL, "legal-advice")
+    assert len(result.accepted) == 3 and len(fake.requests) == 1 and result.rounds == 1
+
+
+def test_no_further_round_once_k_are_accepted(fake_llm) -> None:
+    fake, base_url = fake_llm
+    with generator(base_url, k=3, rounds=3) as gen:
+        result = gen.generate(ORIGINAL, "legal-advice")
+    assert len(result.accepted) == 3 and len(fake.requests) == 1
+
+
+@pytest.mark.parametrize("second", ["400", "empty", "nonjson"])
+def test_a_later_round_that_fails_keeps_what_the_first_gave(fake_llm, second) -> None:
+    fake, base_url = fake_llm
+    fake.script = ["ok", second]
+    with generator(base_url, k=5, rounds=3, retries=0) as gen:
+        result = gen.generate(ORIGINAL, "legal-advice")
+    assert not result.failed and result.error is None
+    assert result.accepted == [clean_line(line) for line in GOOD_ANSWER.splitlines()]
+    assert len(fake.requests) == 2  # a broken answer ends the rounds: the endpoint is not asked a third time
+    assert gen.stats.items_failed == 0
+
+
+def test_rounds_must_be_at_least_one() -> None:
+    with pytest.raises(ValueError, match="rounds"):
+        VariationConfig(rounds=0)
 
 
 def test_the_model_is_taken_from_the_endpoint_when_not_configured(fake_llm) -> None:

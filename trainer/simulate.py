@@ -248,7 +248,9 @@ def llm_variation_maker(generator: Any, cache_file: Path | None = None) -> steps
     verifying = "verified" if getattr(generator.config, "verifier", None) is not None else ""
 
     def key(text: str, label: str) -> str:
-        return hashlib.sha256(f"{label}\x00{generator.config.k}\x00{verifying}{text}".encode()).hexdigest()
+        rounds = getattr(generator.config, "rounds", 1)
+        shape = f"{generator.config.k}" if rounds == 1 else f"{generator.config.k}x{rounds}"  # 1: the old keys
+        return hashlib.sha256(f"{label}\x00{shape}\x00{verifying}{text}".encode()).hexdigest()
 
     def make(items: Sequence[tuple[str, str]], current_proba: steps.Proba | None) -> steps.Generated:
         todo = [(text, label) for text, label in items if key(text, label) not in cache]

@@ -48,10 +48,13 @@ class VariationConfig:
     # from_settings turns it on (settings.llm_verify, on by default); a bare config leaves it off.
     verifier: VerifierConfig | None = None
     judge: bool = False  # the verifier asks the same LLM a constrained label question about each rewrite
+    # Requests per item at most: another is sent while fewer than k rewrites have been accepted. 1 is the paper's
+    # single request; from_settings takes settings.llm_rounds.
+    rounds: int = 1
 
     def __post_init__(self) -> None:
-        if self.k < 1:
-            raise ValueError("k must be at least 1")
+        if self.k < 1 or self.rounds < 1:
+            raise ValueError("k and rounds must be at least 1")
         if self.retries < 0 or self.timeout <= 0 or self.backoff < 0:
             raise ValueError("retries must be >= 0, timeout > 0 and backoff >= 0")
 
@@ -111,6 +114,7 @@ class VariationGenerator:
             consistency_threshold=settings.llm_consistency_threshold,
             verifier=VerifierConfig() if settings.llm_verify else None,
             judge=settings.llm_verify,
+            rounds=settings.llm_rounds,
         )
 
         def embedded_server() -> LocalLLMServer:
@@ -172,19 +176,38 @@ class VariationGenerator:
 
     # ----------------------------------------------------------------------------------------- generation
     def generate(self, text: str, label: str) -> VariationResult:
-        """Variations for one labeled text. Endpoint failures are recorded on the result, never raised."""
+        """Variations for one labeled text: one request, then, while fewer than k rewrites have passed every check,
+        up to `config.rounds - 1` more (a small LLM's rewrites are mostly rejected, so one request rarely yields
+        the k the class-deficit budget asked for). Endpoint failures are recorded on the result, never raised; one
+        after a first answer ends the rounds and keeps what was accepted."""
         label = parse_label(label)
         self.start()
         result = VariationResult(text=text, label=label)
         started = time.monotonic()
-        try:
-            content, tokens = self._request(build_messages(text, label, self.config.k), result)
-        except _AttemptFailed as failure:
-            result.error, result.error_detail = failure.reason, failure.detail
-        else:
-            result.raw_output = content
-            result.completion_tokens = tokens
-            self._accept(result, content)
+        messages = build_messages(text, label, self.config.k)
+        for round_index in range(self.config.rounds):
+            asked = time.monotonic()
+            try:
+                content, tokens = self._request(messages, result)
+            except _AttemptFailed as failure:
+                telemetry.record_llm_request(time.monotonic() - asked, failed=True)
+                if round_index == 0:
+                    result.error, result.error_detail = failure.reason, failure.detail
+                break
+            result.raw_output = content if result.raw_output is None else f"{result.raw_output}\n{content}"
+            result.completion_tokens += tokens
+            result.rounds += 1
+            answered = self._accept(result, content)
+            telemetry.record_llm_request(time.monotonic() - asked, failed=not answered)
+            if not answered:
+                if round_index == 0:
+                    result.error = "garbage_output"
+                    result.error_detail = f"no variation in the answer: {content[:200]!r}"
+                    result.attempt_errors.append("garbage_output")
+                    self.stats.failures["garbage_output"] += 1
+                break
+            if result.error_detail is not None or len(result.accepted) >= self.config.k:
+                break  # enough, or the consistency check broke: more requests would be filtered the same way
         result.seconds = time.monotonic() - started
         self._count(result)
         return result
@@ -245,15 +268,15 @@ class VariationGenerator:
                 on_result(result)
         return VariationBatch(results=results, stats=_stats_since(before, self.stats))
 
-    def _accept(self, result: VariationResult, content: str) -> None:
-        candidates, result.filtered = apply_hygiene(result.text, content, self.config.hygiene)
-        if not candidates and not result.filtered:
-            result.error, result.error_detail = "garbage_output", f"no variation in the answer: {content[:200]!r}"
-            result.attempt_errors.append("garbage_output")
-            self.stats.failures["garbage_output"] += 1
-            return
+    def _accept(self, result: VariationResult, content: str) -> bool:
+        """Add the answer's rewrites that pass hygiene, the verifier and the consistency filter to
+        `result.accepted`, up to k in all; False when the answer holds nothing that even looks like a rewrite."""
+        candidates, filtered = apply_hygiene(result.text, content, self.config.hygiene, result.accepted)
+        result.filtered.update(filtered)
+        if not candidates and not filtered:
+            return False
         if self.config.verifier is not None and candidates:
-            result.verified = len(candidates)
+            result.verified += len(candidates)
             candidates, rejected = self.verifier().verify(result.text, result.label, candidates)
             result.filtered.update(rejected)
         if self.predict_proba is not None and candidates:
@@ -269,9 +292,11 @@ class VariationGenerator:
             else:
                 if inconsistent:
                     result.filtered["inconsistent_label"] += inconsistent
-        if len(candidates) > self.config.k:
-            result.filtered["surplus"] += len(candidates) - self.config.k
-        result.accepted = candidates[: self.config.k]
+        room = self.config.k - len(result.accepted)
+        if len(candidates) > room:
+            result.filtered["surplus"] += len(candidates) - room
+        result.accepted += candidates[:room]
+        return True
 
     def verifier(self) -> Verifier:
         """The verifier this generator runs (built on first use: its judge asks the endpoint, started if need be)."""
@@ -289,8 +314,6 @@ class VariationGenerator:
         self.stats.accepted += len(result.accepted)
         self.stats.filtered.update(result.filtered)
         self.stats.completion_tokens += result.completion_tokens
-        if result.attempts:  # sent: one LLM request for the Prometheus metrics, its retries included
-            telemetry.record_llm_request(result.seconds, failed=result.failed)
         telemetry.record_variations(len(result.accepted), sum(result.filtered.values()))
 
     # ----------------------------------------------------------------------------------------- one request

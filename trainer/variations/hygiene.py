@@ -10,7 +10,7 @@ import logging
 import re
 import unicodedata
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -97,11 +97,16 @@ def length_bounds(original: str, config: HygieneConfig) -> tuple[int, int]:
     return low, max(low, high)
 
 
-def apply_hygiene(original: str, raw_output: str, config: HygieneConfig) -> tuple[list[str], Counter[str]]:
-    """Candidate variations from raw LLM output, in order, and the count of lines dropped per reason."""
+def apply_hygiene(
+    original: str, raw_output: str, config: HygieneConfig, already: Sequence[str] = ()
+) -> tuple[list[str], Counter[str]]:
+    """Candidate variations from raw LLM output, in order, and the count of lines dropped per reason.
+
+    `already`: variations kept from an earlier request for the same text; a line repeating one is a duplicate.
+    """
     filtered: Counter[str] = Counter()
     kept: list[str] = []
-    kept_normalized: list[str] = []
+    kept_normalized: list[str] = [normalize_for_comparison(text) for text in already]
     original_normalized = normalize_for_comparison(original)
     low, high = length_bounds(original, config)
     for raw_line in raw_output.splitlines():

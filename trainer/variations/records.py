@@ -37,6 +37,7 @@ class VariationResult:
     error_detail: str | None = None
     attempt_errors: list[str] = field(default_factory=list)  # one reason per failed attempt, retried ones included
     attempts: int = 0
+    rounds: int = 0  # requests that got an answer (the generator asks again while fewer than k were accepted)
     seconds: float = 0.0
     completion_tokens: int = 0
     raw_output: str | None = None
@@ -60,6 +61,7 @@ class VariationResult:
             "error": self.error,
             "error_detail": self.error_detail,
             "attempts": self.attempts,
+            "rounds": self.rounds,
             "attempt_errors": self.attempt_errors,
             "seconds": round(self.seconds, 3),
             "completion_tokens": self.completion_tokens,

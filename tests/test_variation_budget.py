@@ -81,17 +81,21 @@ def test_edge_cases():
 
 def test_generate_skips_zero_budget_items_and_cuts_each_to_its_budget():
     asked: list[list[tuple[str, str]]] = []
+    wanted: list[list[int] | None] = []
 
-    def make(items, proba):
+    def make(items, proba, wants):
         asked.append(list(items))
+        wanted.append(None if wants is None else list(wants))
         return steps.Generated([[f"{text} v{n}" for n in range(5)] for text, _ in items], 2, 0, 10, 3)
 
     items = [("a", "not-harmful"), ("b", "emergency-situation"), ("c", "self-harm")]
     generated = steps.generate(make, items, None, [0, 5, 2])
     assert asked == [[("b", "emergency-situation"), ("c", "self-harm")]]  # the zero-budget item is never sent
+    assert wanted == [[5, 2]]  # each sent item is asked for its budget
     assert generated.accepted == [[], [f"b v{n}" for n in range(5)], ["c v0", "c v1"]]
     assert (generated.filtered, generated.verified, generated.rejected) == (2, 10, 3)
     assert steps.generate(make, items, None, [0, 0, 0]).accepted == [[], [], []] and len(asked) == 1
+    assert len(steps.generate(make, items, None, None).accepted) == 3 and wanted[-1] is None  # no budget: k each
     # "uniform" is the paper's: no budgets, every item asked for k.
     assert steps.variation_budgets("uniform", items, ["not-harmful"] * 5, 5) is None
     assert steps.variation_budgets("deficit", items, ["not-harmful"] * 5 + ["self-harm"], 5) == [0, 5, 4]

@@ -424,6 +424,29 @@ def test_a_later_round_that_fails_keeps_what_the_first_gave(fake_llm, second) ->
     assert gen.stats.items_failed == 0
 
 
+def test_an_item_wanting_fewer_than_k_stops_asking_once_it_has_them(fake_llm) -> None:
+    fake, base_url = fake_llm
+    fake.script = ["ok", MORE_ANSWER]
+    with generator(base_url, k=5, rounds=3) as gen:
+        batch = gen.generate_many([(ORIGINAL, "legal-advice"), (ORIGINAL, "legal-advice")], wants=[2, 5])
+    two, five = batch.results
+    first, more = ([clean_line(line) for line in answer.splitlines()] for answer in (GOOD_ANSWER, MORE_ANSWER))
+    assert two.accepted == first[:2] and two.rounds == 1 and two.filtered == {"surplus": 1}
+    # The other wants k: the script's last answer repeats, so its later rounds bring only duplicates, and it
+    # stops when its rounds run out.
+    assert five.accepted == more and five.rounds == 3 and five.filtered == {"duplicate": 4}
+    assert len(fake.requests) == 1 + 3
+
+
+def test_wants_must_match_the_items_and_be_positive(fake_llm) -> None:
+    _, base_url = fake_llm
+    with generator(base_url, k=5) as gen:
+        with pytest.raises(ValueError, match="2 wants for 1 items"):
+            gen.generate_many([(ORIGINAL, "legal-advice")], wants=[1, 2])
+        with pytest.raises(ValueError, match="want must be at least 1"):
+            gen.generate(ORIGINAL, "legal-advice", want=0)
+
+
 def test_rounds_must_be_at_least_one() -> None:
     with pytest.raises(ValueError, match="rounds"):
         VariationConfig(rounds=0)

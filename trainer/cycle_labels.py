@@ -123,9 +123,11 @@ def generator_variation_maker(open_generator: OpenGenerator) -> steps.VariationM
     """The variations step's maker for a live cycle: one started VariationGenerator per call, its consistency
     filter run with the current model."""
 
-    def make(items: Sequence[tuple[str, str]], predict_proba: steps.Proba | None) -> steps.Generated:
+    def make(
+        items: Sequence[tuple[str, str]], predict_proba: steps.Proba | None, wants: Sequence[int] | None
+    ) -> steps.Generated:
         with open_generator(predict_proba) as generator:
-            batch = generator.generate_many(list(items))
+            batch = generator.generate_many(list(items), wants=wants)
         return steps.Generated(
             accepted=[list(result.accepted) for result in batch.results],
             filtered=int(sum(sum(result.filtered.values()) for result in batch.results)),

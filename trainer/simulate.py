@@ -252,7 +252,14 @@ def llm_variation_maker(generator: Any, cache_file: Path | None = None) -> steps
         shape = f"{generator.config.k}" if rounds == 1 else f"{generator.config.k}x{rounds}"  # 1: the old keys
         return hashlib.sha256(f"{label}\x00{shape}\x00{verifying}{text}".encode()).hexdigest()
 
-    def make(items: Sequence[tuple[str, str]], current_proba: steps.Proba | None) -> steps.Generated:
+    def make(
+        items: Sequence[tuple[str, str]], current_proba: steps.Proba | None, wants: Sequence[int] | None
+    ) -> steps.Generated:
+        # `wants` is not passed on: every item is written for k, so strategies and seeds share one cache entry,
+        # and steps.generate cuts each to its budget. Rounds stop once `want` are accepted, so the first `want` of
+        # a run for k are those a run for `want` would keep (before the consistency filter, which runs after the
+        # cache here): the same rewrites, at more LLM time.
+        del wants
         todo = [(text, label) for text, label in items if key(text, label) not in cache]
         if todo:
             generator.predict_proba = None

@@ -61,7 +61,8 @@ class Generated:
 
 
 # (labeled (text, label) items, the current model's predict_proba or None) -> Generated
-VariationMaker = Callable[[Sequence[tuple[str, str]], Proba | None], Generated]
+VariationMaker = Callable[[Sequence[tuple[str, str]], Proba | None, Sequence[int] | None], Generated]
+"""(items, the current model's predict_proba, how many variations each item wants or None for k) -> Generated."""
 
 
 def snapshot(items: Sequence[R], exclude_ids: set[int], limit: int) -> list[R]:
@@ -146,13 +147,14 @@ def generate(
     budgets: Sequence[int] | None = None,
 ) -> Generated:
     """Label-preserving LLM rewrites of newly labeled items, verified and filtered by the current model's
-    consistency check. With `budgets`, items with 0 are not sent and each item keeps at most its budget."""
+    consistency check. With `budgets`, items with 0 are not sent, the others are asked for their budget, and each
+    keeps at most its budget (a maker may return more)."""
     if make is None or not items:
         return Generated([[] for _ in items])
     if budgets is None:
-        return make(items, predict_proba)
+        return make(items, predict_proba, None)
     todo = [i for i, budget in enumerate(budgets) if budget > 0]
-    made = make([items[i] for i in todo], predict_proba) if todo else Generated([])
+    made = make([items[i] for i in todo], predict_proba, [budgets[i] for i in todo]) if todo else Generated([])
     accepted: list[list[str]] = [[] for _ in items]
     for i, rewrites in zip(todo, made.accepted, strict=True):
         accepted[i] = rewrites[: budgets[i]]

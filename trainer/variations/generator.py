@@ -8,7 +8,7 @@ import copy
 import logging
 import random
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field, fields
 from types import TracebackType
 from typing import TYPE_CHECKING, Any
@@ -175,12 +175,15 @@ class VariationGenerator:
         return self._server.base_url if self._server else self.base_url
 
     # ----------------------------------------------------------------------------------------- generation
-    def generate(self, text: str, label: str) -> VariationResult:
-        """Variations for one labeled text: one request, then, while fewer than k rewrites have passed every check,
-        up to `config.rounds - 1` more (a small LLM's rewrites are mostly rejected, so one request rarely yields
-        the k the class-deficit budget asked for). Endpoint failures are recorded on the result, never raised; one
-        after a first answer ends the rounds and keeps what was accepted."""
+    def generate(self, text: str, label: str, want: int | None = None) -> VariationResult:
+        """Variations for one labeled text: one request, then, while fewer than `want` (at most k; None: k) rewrites
+        have passed every check, up to `config.rounds - 1` more (a small LLM's rewrites are mostly rejected, so one
+        request rarely yields what the class-deficit budget asked for). Endpoint failures are recorded on the
+        result, never raised; one after a first answer ends the rounds and keeps what was accepted."""
         label = parse_label(label)
+        target = self.config.k if want is None else min(self.config.k, want)
+        if target < 1:
+            raise ValueError(f"want must be at least 1, not {want}: an item that wants none is not sent")
         self.start()
         result = VariationResult(text=text, label=label)
         started = time.monotonic()
@@ -197,7 +200,7 @@ class VariationGenerator:
             result.raw_output = content if result.raw_output is None else f"{result.raw_output}\n{content}"
             result.completion_tokens += tokens
             result.rounds += 1
-            answered = self._accept(result, content)
+            answered = self._accept(result, content, target)
             telemetry.record_llm_request(time.monotonic() - asked, failed=not answered)
             if not answered:
                 if round_index == 0:
@@ -206,7 +209,7 @@ class VariationGenerator:
                     result.attempt_errors.append("garbage_output")
                     self.stats.failures["garbage_output"] += 1
                 break
-            if result.error_detail is not None or len(result.accepted) >= self.config.k:
+            if result.error_detail is not None or len(result.accepted) >= target:
                 break  # enough, or the consistency check broke: more requests would be filtered the same way
         result.seconds = time.monotonic() - started
         self._count(result)
@@ -218,14 +221,18 @@ class VariationGenerator:
         *,
         raise_on_failure: bool = False,
         on_result: Callable[[VariationResult], None] | None = None,
+        wants: Sequence[int] | None = None,
     ) -> VariationBatch:
         """Variations for each (text, label); carries on past failed items and reports them in the batch.
 
         After `config.stop_after_consecutive_failures` failed items in a row the endpoint is taken to be down:
         the remaining items are marked failed ("endpoint_down") without sending them. With raise_on_failure,
-        the first failed item raises VariationError instead.
+        the first failed item raises VariationError instead. `wants`: how many variations each item should end
+        with (its class-deficit budget, each at least 1); None: k for every item.
         """
         pairs = [(text, parse_label(label)) for text, label in items]
+        if wants is not None and len(wants) != len(pairs):
+            raise ValueError(f"{len(wants)} wants for {len(pairs)} items")
         before = copy.deepcopy(self.stats)
         results: list[VariationResult] = []
         consecutive_failures = 0
@@ -239,7 +246,7 @@ class VariationGenerator:
                 )
                 self._count(result)
             else:
-                result = self.generate(text, label)
+                result = self.generate(text, label, None if wants is None else wants[index])
             consecutive_failures = consecutive_failures + 1 if result.failed else 0
             if result.failed:
                 log.error(
@@ -268,9 +275,9 @@ class VariationGenerator:
                 on_result(result)
         return VariationBatch(results=results, stats=_stats_since(before, self.stats))
 
-    def _accept(self, result: VariationResult, content: str) -> bool:
+    def _accept(self, result: VariationResult, content: str, target: int) -> bool:
         """Add the answer's rewrites that pass hygiene, the verifier and the consistency filter to
-        `result.accepted`, up to k in all; False when the answer holds nothing that even looks like a rewrite."""
+        `result.accepted`, up to `target` in all; False when the answer holds nothing that even looks like one."""
         candidates, filtered = apply_hygiene(result.text, content, self.config.hygiene, result.accepted)
         result.filtered.update(filtered)
         if not candidates and not filtered:
@@ -292,7 +299,7 @@ class VariationGenerator:
             else:
                 if inconsistent:
                     result.filtered["inconsistent_label"] += inconsistent
-        room = self.config.k - len(result.accepted)
+        room = target - len(result.accepted)
         if len(candidates) > room:
             result.filtered["surplus"] += len(candidates) - room
         result.accepted += candidates[:room]

@@ -156,6 +156,9 @@ def test_metrics_show_traffic_swaps_pool_review_and_a_cycle(tmp_path):
     with live_server(settings) as url:
         client = httpx.Client(base_url=url, timeout=30)
         assert wait_for(lambda: client.get("/readyz").status_code == 200)
+        # The cycle below exposes the trainer's metrics in this process; exposing them first puts their values so
+        # far in `before` (other test files in this worker may have counted LLM requests), so deltas are this test's.
+        telemetry.expose_trainer_metrics()
         before = scrape(url)
 
         # ---- traffic on the first model (it favours legal-advice), a bad request and an unknown path

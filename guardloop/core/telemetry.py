@@ -14,8 +14,10 @@ What counts as what, where METRICS.md leaves a choice:
 - Cycles: only finished ones, `promoted`, `rejected` or `failed`; a `skipped` cycle (empty pool, too few labels)
   trained nothing and is not counted, and a cycle waiting for reviewers is counted when it ends.
 - LLM: one request = one ask for variations of one text, retries included (latency from the first attempt to
-  the answer); it fails when no usable answer came after the retries. Variations: `accepted` are kept,
-  `filtered` every candidate line dropped (hygiene, consistency with the current model, surplus beyond k).
+  the answer, the verifier's work after it not included); a text asked again because too few of its rewrites
+  survived (`GUARDLOOP_LLM_ROUNDS`) counts once per ask. It fails when no usable answer came after the retries.
+  Variations: `accepted` are kept, `filtered` every candidate line dropped (hygiene, the verifier, consistency with
+  the current model, surplus beyond the item's budget).
 """
 
 from __future__ import annotations

@@ -197,11 +197,12 @@ class VariationGenerator:
                 if round_index == 0:
                     result.error, result.error_detail = failure.reason, failure.detail
                 break
+            request_seconds = time.monotonic() - asked  # the request alone: the verifier's time is not the LLM's
             result.raw_output = content if result.raw_output is None else f"{result.raw_output}\n{content}"
             result.completion_tokens += tokens
             result.rounds += 1
             answered = self._accept(result, content, target)
-            telemetry.record_llm_request(time.monotonic() - asked, failed=not answered)
+            telemetry.record_llm_request(request_seconds, failed=not answered)
             if not answered:
                 if round_index == 0:
                     result.error = "garbage_output"

@@ -176,7 +176,7 @@ class Settings(BaseSettings):
     llm_variations: int = Field(5, ge=1, le=20, description="variations asked for per labeled text (k)")
     llm_temperature: float = Field(0.8, ge=0, le=2)
     llm_rounds: int = Field(
-        3, ge=1, le=10, description="requests per labeled text at most: another while fewer than k were accepted"
+        3, ge=1, le=10, description="requests per labeled text at most: another while fewer than its budget passed"
     )
     llm_max_tokens: int = Field(256, ge=16, le=4096, description="longest LLM answer, in tokens")
     llm_consistency_threshold: float = Field(

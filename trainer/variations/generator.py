@@ -48,8 +48,8 @@ class VariationConfig:
     # from_settings turns it on (settings.llm_verify, on by default); a bare config leaves it off.
     verifier: VerifierConfig | None = None
     judge: bool = False  # the verifier asks the same LLM a constrained label question about each rewrite
-    # Requests per item at most: another is sent while fewer than k rewrites have been accepted. 1 is the paper's
-    # single request; from_settings takes settings.llm_rounds.
+    # Requests per item at most: another is sent while fewer rewrites than it wants (k or its budget) have been
+    # accepted. 1 is the paper's single request; from_settings takes settings.llm_rounds.
     rounds: int = 1
 
     def __post_init__(self) -> None:

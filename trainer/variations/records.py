@@ -37,7 +37,7 @@ class VariationResult:
     error_detail: str | None = None
     attempt_errors: list[str] = field(default_factory=list)  # one reason per failed attempt, retried ones included
     attempts: int = 0
-    rounds: int = 0  # requests that got an answer (the generator asks again while fewer than k were accepted)
+    rounds: int = 0  # requests that got an answer (asked again while fewer than its budget were accepted)
     seconds: float = 0.0
     completion_tokens: int = 0
     raw_output: str | None = None

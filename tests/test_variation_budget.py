@@ -83,7 +83,7 @@ def test_generate_skips_zero_budget_items_and_cuts_each_to_its_budget():
     asked: list[list[tuple[str, str]]] = []
     wanted: list[list[int] | None] = []
 
-    def make(items, proba, wants):
+    def make(items, proba, wants, companions):
         asked.append(list(items))
         wanted.append(None if wants is None else list(wants))
         return steps.Generated([[f"{text} v{n}" for n in range(5)] for text, _ in items], 2, 0, 10, 3)

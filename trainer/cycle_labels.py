@@ -16,6 +16,7 @@ from guardloop.trainer import steps
 from guardloop.trainer.embeddings import SentenceEmbedder
 from guardloop.trainer.labelers import ORACLE_SECOND_LOOK, OracleLabeler
 from guardloop.trainer.training_set import is_gold
+from guardloop.trainer.variations.companions import companions_for
 
 from guardloop.core import telemetry
 from guardloop.core.datafiles import Example
@@ -100,8 +101,12 @@ def generate_variations(
     trained_labels = [ex.label or "" for ex in base_train]
     trained_labels += [f.label for f in reviews.final_labels()] + [y for _, y in cycles.variations()]
     budgets = steps.variation_budgets(settings.llm_variation_budget, items, trained_labels, settings.llm_variations)
+    # What a short item may compose from: the base data and every trainable human label (gold stays out).
+    labeled = [(ex.text, ex.label or "") for ex in base_train]
+    labeled += [(f.text, f.label) for f in reviews.final_labels() if not is_gold(f.item_id, settings.gold_share)]
+    companions = companions_for(items, labeled, settings.llm_compose_examples, random_state=settings.seed)
     try:
-        generated = steps.generate(make, items, current.predict_proba if current else None, budgets)
+        generated = steps.generate(make, items, current.predict_proba if current else None, budgets, companions)
     except Exception as exc:  # the LLM could not even start: train on what we have, say why
         log.error("cycle %s: no variations: %s", cycle_id, exc)
         return {"items": len(todo), "error": str(exc).splitlines()[0] if str(exc) else type(exc).__name__}
@@ -115,6 +120,7 @@ def generate_variations(
         "failed_items": generated.failed_items,
         "verified": generated.verified,
         "rejected": generated.rejected,
+        "composed": generated.composed,
         "not_asked": sum(1 for budget in budgets or [] if budget == 0),  # their class is not thin
     }
 
@@ -124,16 +130,20 @@ def generator_variation_maker(open_generator: OpenGenerator) -> steps.VariationM
     filter run with the current model."""
 
     def make(
-        items: Sequence[tuple[str, str]], predict_proba: steps.Proba | None, wants: Sequence[int] | None
+        items: Sequence[tuple[str, str]],
+        predict_proba: steps.Proba | None,
+        wants: Sequence[int] | None,
+        companions: Sequence[Sequence[str]] | None,
     ) -> steps.Generated:
         with open_generator(predict_proba) as generator:
-            batch = generator.generate_many(list(items), wants=wants)
+            batch = generator.generate_many(list(items), wants=wants, companions=companions)
         return steps.Generated(
             accepted=[list(result.accepted) for result in batch.results],
             filtered=int(sum(sum(result.filtered.values()) for result in batch.results)),
             failed_items=len(batch.failed),
             verified=sum(result.verified for result in batch.results),
             rejected=sum(result.rejected for result in batch.results),
+            composed=sum(result.composed for result in batch.results),
         )
 
     return make

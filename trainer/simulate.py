@@ -14,8 +14,6 @@ the registry (none: a promoted candidate simply becomes the model that scores th
 from __future__ import annotations
 
 import contextlib
-import hashlib
-import json
 import logging
 import shutil
 import tempfile
@@ -38,8 +36,10 @@ from guardloop.trainer.simulation_results import (
     append_result_line,
     class_count_std,
 )
+from guardloop.trainer.simulation_variations import llm_variation_maker
 from guardloop.trainer.training_set import split_gold
-from guardloop.trainer.variations import VariationGenerator, consistency_filter
+from guardloop.trainer.variations import VariationGenerator
+from guardloop.trainer.variations.companions import companions_for
 from guardloop.trainer.variations.verifier import lazy_embedder
 
 from guardloop.core.datafiles import Example, stratified_split
@@ -71,6 +71,7 @@ class Simulation:
     gold_min_per_class: int = 10  # as settings.gold_min_per_class
     variation_budget: str = "deficit"  # as settings.llm_variation_budget (steps.variation_budgets)
     variations_k: int = 5  # variations asked for per item at most
+    compose_examples: int = 3  # as settings.llm_compose_examples: 0, no composing
     label_check: bool = True  # as settings.label_check (and _folds, _max_share below)
     label_check_folds: int = 5
     label_check_max_share: float = 0.2
@@ -186,7 +187,13 @@ class Simulation:
                 [ex.label or "" for ex in base] + [y for _, y in trained] + [y for _, y in variations],
                 self.variations_k,
             )
-            generated = steps.generate(self.make_variations, new_items, served.predict_proba, budgets)
+            companions = companions_for(
+                new_items,
+                [(ex.text, ex.label or "") for ex in base] + trained,
+                self.compose_examples,
+                random_state=seed * 1000 + iteration,
+            )
+            generated = steps.generate(self.make_variations, new_items, served.predict_proba, budgets, companions)
             for (_, label), rewrites in zip(new_items, generated.accepted, strict=True):
                 variations += [(text, label) for text in rewrites]
             accepted = sum(len(rewrites) for rewrites in generated.accepted)
@@ -215,6 +222,7 @@ class Simulation:
                 variations_accepted=accepted,
                 variations_verified=generated.verified,
                 variations_rejected=generated.rejected,
+                variations_composed=generated.composed,
                 train_size=len(train),
                 eval_macro_f1=report["macro_f1"],
                 eval_per_class_f1=report["per_class_f1"],
@@ -226,69 +234,6 @@ class Simulation:
             if on_iteration:
                 on_iteration(result, entry)
         return result
-
-
-def llm_variation_maker(generator: Any, cache_file: Path | None = None) -> steps.VariationMaker:
-    """Adapt a started VariationGenerator for simulations.
-
-    The LLM's verified rewrites (hygiene and verifier passed; how many the verifier judged and rejected) are
-    cached by (label, text, k, verifier on or off) in `cache_file`, so strategies and seeds that pick the same
-    item reuse them (the LLM is the slow part here); the consistency filter is applied afterwards with the model
-    of the current iteration, exactly as in a live cycle.
-    """
-    cache: dict[str, list[str]] = {}
-    judged: dict[str, tuple[int, int]] = {}  # key -> (verified, rejected)
-    if cache_file is not None and cache_file.is_file():
-        for line in cache_file.read_text(encoding="utf-8").splitlines():
-            if line.strip():
-                entry = json.loads(line)
-                cache[entry["key"]] = entry["variations"]
-                judged[entry["key"]] = (entry.get("verified", 0), entry.get("rejected", 0))
-    # Rewrites verified once are not the same as rewrites never verified: the two never share a cache entry.
-    verifying = "verified" if getattr(generator.config, "verifier", None) is not None else ""
-
-    def key(text: str, label: str) -> str:
-        rounds = getattr(generator.config, "rounds", 1)
-        shape = f"{generator.config.k}" if rounds == 1 else f"{generator.config.k}x{rounds}"  # 1: the old keys
-        return hashlib.sha256(f"{label}\x00{shape}\x00{verifying}{text}".encode()).hexdigest()
-
-    def make(
-        items: Sequence[tuple[str, str]], current_proba: steps.Proba | None, wants: Sequence[int] | None
-    ) -> steps.Generated:
-        # `wants` is not passed on: every item is written for k, so strategies and seeds share one cache entry,
-        # and steps.generate cuts each to its budget. Rounds stop once `want` are accepted, so the first `want` of
-        # a run for k are those a run for `want` would keep (before the consistency filter, which runs after the
-        # cache here): the same rewrites, at more LLM time.
-        del wants
-        todo = [(text, label) for text, label in items if key(text, label) not in cache]
-        if todo:
-            generator.predict_proba = None
-            batch = generator.generate_many(todo)
-            for (text, label), result in zip(todo, batch.results, strict=True):
-                if result.failed:
-                    continue  # not cached: a later run may get it
-                cache[key(text, label)] = result.accepted
-                judged[key(text, label)] = (result.verified, result.rejected)
-                if cache_file is not None:
-                    entry = {"key": key(text, label), "variations": result.accepted}
-                    entry |= {"verified": result.verified, "rejected": result.rejected}
-                    with cache_file.open("a", encoding="utf-8") as out:
-                        out.write(json.dumps(entry) + "\n")
-        threshold = generator.config.consistency_threshold
-        kept, dropped = [], 0
-        for text, label in items:
-            offered = cache.get(key(text, label), [])
-            accepted, n_dropped = (
-                consistency_filter(offered, label, current_proba, threshold) if current_proba else (offered, 0)
-            )
-            kept.append(accepted)
-            dropped += n_dropped
-        failed = sum(1 for text, label in items if key(text, label) not in cache)
-        outcomes = [judged.get(key(text, label), (0, 0)) for text, label in items]
-        verified, rejected = sum(v for v, _ in outcomes), sum(r for _, r in outcomes)
-        return steps.Generated(kept, dropped, failed, verified, rejected)
-
-    return make
 
 
 @dataclass(frozen=True)
@@ -349,6 +294,7 @@ def run_simulations(
                     gold_min_per_class=settings.gold_min_per_class,
                     variation_budget=plan.variation_budget or settings.llm_variation_budget,
                     variations_k=plan.variations,
+                    compose_examples=settings.llm_compose_examples,
                     label_check=settings.label_check,
                     label_check_folds=settings.label_check_folds,
                     label_check_max_share=settings.label_check_max_share,

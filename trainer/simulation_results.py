@@ -37,6 +37,7 @@ class IterationResult:
     promoted: bool = True  # whether the gate let this iteration's model replace the one that scored its pool
     variations_verified: int = 0  # this iteration's rewrites that reached the verifier
     variations_rejected: int = 0  # of those, rejected by it
+    variations_composed: int = 0  # accepted new posts composed from several labeled texts of a class
     labels_suspected: int = 0  # new labels the label check withheld for a second look (the oracle's, next iteration)
 
     @property

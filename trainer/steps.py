@@ -58,11 +58,14 @@ class Generated:
     failed_items: int = 0
     verified: int = 0  # rewrites the verifier judged
     rejected: int = 0  # of those, rejected by it
+    composed: int = 0  # of the accepted, new posts written from several labeled texts of a class (not rewrites)
 
 
-# (labeled (text, label) items, the current model's predict_proba or None) -> Generated
-VariationMaker = Callable[[Sequence[tuple[str, str]], Proba | None, Sequence[int] | None], Generated]
-"""(items, the current model's predict_proba, how many variations each item wants or None for k) -> Generated."""
+VariationMaker = Callable[
+    [Sequence[tuple[str, str]], Proba | None, Sequence[int] | None, Sequence[Sequence[str]] | None], Generated
+]
+"""(items, the current model's predict_proba, how many variations each item wants or None for k, per item the
+other labeled texts of its class to compose from when its rewrites fall short or None) -> Generated."""
 
 
 def snapshot(items: Sequence[R], exclude_ids: set[int], limit: int) -> list[R]:
@@ -145,20 +148,25 @@ def generate(
     items: Sequence[tuple[str, str]],
     predict_proba: Proba | None,
     budgets: Sequence[int] | None = None,
+    companions: Sequence[Sequence[str]] | None = None,
 ) -> Generated:
     """Label-preserving LLM rewrites of newly labeled items, verified and filtered by the current model's
     consistency check. With `budgets`, items with 0 are not sent, the others are asked for their budget, and each
-    keeps at most its budget (a maker may return more)."""
+    keeps at most its budget (a maker may return more). `companions` (variations.companions): per item, what the maker
+    may compose new posts of its class from when its rewrites fall short of its budget."""
     if make is None or not items:
         return Generated([[] for _ in items])
+    if companions is not None and len(companions) != len(items):
+        raise ValueError(f"{len(companions)} companion lists for {len(items)} items")
     if budgets is None:
-        return make(items, predict_proba, None)
+        return make(items, predict_proba, None, companions)
     todo = [i for i, budget in enumerate(budgets) if budget > 0]
-    made = make([items[i] for i in todo], predict_proba, [budgets[i] for i in todo]) if todo else Generated([])
+    sent = None if companions is None else [companions[i] for i in todo]
+    made = make([items[i] for i in todo], predict_proba, [budgets[i] for i in todo], sent) if todo else Generated([])
     accepted: list[list[str]] = [[] for _ in items]
     for i, rewrites in zip(todo, made.accepted, strict=True):
         accepted[i] = rewrites[: budgets[i]]
-    return Generated(accepted, made.filtered, made.failed_items, made.verified, made.rejected)
+    return Generated(accepted, made.filtered, made.failed_items, made.verified, made.rejected, made.composed)
 
 
 def check_labels(

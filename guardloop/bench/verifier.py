@@ -2,9 +2,10 @@
 
 The sample (e.g. docs/variations-hand-labeled.jsonl) holds variations that hygiene accepted, one JSON object a
 line: `source` (the labeled text), `label` (its label), `variation`, and `hand_label` (the class a person gave the
-variation alone). Off-label: hand_label != label. The verifier runs on each source's variations together, as in
-a cycle, and the counts say how many were kept, how many of those are off-label, what was rejected and why, and
-how many label-true variations it cost.
+variation alone), and for a composed post (a new post written from several labeled texts of the class) also
+`companions`, the other texts it was written from. Off-label: hand_label != label. The verifier runs on each
+source's variations together, as in a cycle, and the counts say how many were kept, how many of those are
+off-label, what was rejected and why, and how many label-true variations it cost.
 """
 
 from __future__ import annotations
@@ -36,7 +37,7 @@ class Judged:
         return self.hand_label != self.label
 
 
-def load_sample(path: Path) -> list[dict[str, str]]:
+def load_sample(path: Path) -> list[dict[str, Any]]:
     """The sample's rows; ValueError naming the line that is not one."""
     rows = []
     for number, text in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
@@ -48,20 +49,23 @@ def load_sample(path: Path) -> list[dict[str, str]]:
             if missing:
                 raise ValueError(f"no {missing[0]!r}")
             row["label"], row["hand_label"] = parse_label(row["label"]), parse_label(row["hand_label"])
+            companions = row.setdefault("companions", [])
+            if not isinstance(companions, list) or not all(isinstance(text, str) for text in companions):
+                raise ValueError("'companions' must be a list of texts")
         except (ValueError, AttributeError) as exc:
             raise ValueError(f"line {number}: {exc}") from None
         rows.append(row)
     return rows
 
 
-def judge_sample(rows: Sequence[dict[str, str]], verifier: Verifier) -> list[Judged]:
+def judge_sample(rows: Sequence[dict[str, Any]], verifier: Verifier) -> list[Judged]:
     """Every row with the verifier's decision; each source's variations are verified together, as in a cycle."""
-    groups: dict[tuple[str, str], list[dict[str, str]]] = {}
+    groups: dict[tuple[str, str, tuple[str, ...]], list[dict[str, Any]]] = {}
     for row in rows:
-        groups.setdefault((row["source"], row["label"]), []).append(row)
+        groups.setdefault((row["source"], row["label"], tuple(row.get("companions", ()))), []).append(row)
     judged = {}
-    for (source, label), members in groups.items():
-        reasons = verifier.decide(source, label, [row["variation"] for row in members])
+    for (source, label, companions), members in groups.items():
+        reasons = verifier.decide(source, label, [row["variation"] for row in members], companions)
         for row, reason in zip(members, reasons, strict=True):
             judged[id(row)] = Judged(source, label, row["variation"], row["hand_label"], reason is None, reason)
     return [judged[id(row)] for row in rows]

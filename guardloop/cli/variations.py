@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 import logging
@@ -22,7 +23,8 @@ from guardloop.cli.app import (
 from guardloop.core.errors import UserError
 from guardloop.core.settings import Settings
 from guardloop.models.registry import ModelRegistry, open_classifier
-from guardloop.trainer.variations import VariationGenerator
+from guardloop.trainer.variations import VariationBatch, VariationGenerator, VariationResult
+from guardloop.trainer.variations.companions import companions_for
 from guardloop.trainer.variations.llm_server import LLMServerError
 from guardloop.trainer.variations.verifier import VerifierConfig, lazy_embedder
 
@@ -41,6 +43,12 @@ def variations(
     verify: Annotated[
         bool | None, typer.Option(help="run the verifier every kept variation must pass (default: settings)")
     ] = None,
+    compose: Annotated[
+        int,
+        typer.Option(
+            min=0, max=8, help="instead of rewrites: new posts of a row's class from it and N other rows of its class"
+        ),
+    ] = 0,
     as_json: Annotated[bool, typer.Option("--json", help="one JSON object on stdout")] = False,
     text_column: Annotated[str | None, typer.Option()] = None,
     label_column: Annotated[str | None, typer.Option()] = None,
@@ -59,6 +67,8 @@ def variations(
     rows = [(ex.text, ex.label or "") for ex in loaded.examples[:limit]]
     if not rows:
         raise UserError(f"{data}: no labeled rows")
+    every_row = [(ex.text, ex.label or "") for ex in loaded.examples]
+    companions = companions_for(rows, every_row, compose, random_state=settings.seed) if compose else None
     predict_proba, model_version = None, None
     if consistency:
         predict_proba, model_version = _current_model_predict_proba(settings)
@@ -67,7 +77,7 @@ def variations(
     try:
         embed = _embedder(settings) if settings.llm_verify else None
         with VariationGenerator.from_settings(settings, predict_proba=predict_proba, embed=embed) as generator:
-            batch = generator.generate_many(rows)
+            batch = _compose_all(generator, rows, companions) if companions else generator.generate_many(rows)
             endpoint, llm_model = generator.endpoint, generator.model
     except LLMServerError as exc:
         raise UserError(str(exc).splitlines()[0]) from exc
@@ -75,6 +85,8 @@ def variations(
     if as_json:
         summary = {"endpoint": endpoint, "model": llm_model, "consistency_model": model_version}
         items = [result.as_dict() for result in batch.results]
+        for item, others in zip(items, companions or (), strict=False):
+            item["companions"] = others
         typer.echo(json.dumps(summary | {"items": items, "stats": stats.as_dict()}))
     else:
         for result in batch.results:
@@ -94,6 +106,18 @@ def variations(
     if stats.items_failed == stats.items:
         first = batch.results[0]
         raise UserError(f"the LLM at {endpoint} failed on every row; first: {first.error}: {first.error_detail}")
+
+
+def _compose_all(
+    generator: VariationGenerator, rows: list[tuple[str, str]], companions: list[list[str]]
+) -> VariationBatch:
+    """New posts composed for each row from it and its companions; a row without companions gets none."""
+    before = copy.deepcopy(generator.stats)
+    results = [
+        generator.compose(text, label, others) if others else VariationResult(text=text, label=label)
+        for (text, label), others in zip(rows, companions, strict=True)
+    ]
+    return VariationBatch(results=results, stats=generator.stats.since(before))
 
 
 @app.command("verify-variations")

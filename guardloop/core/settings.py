@@ -178,6 +178,12 @@ class Settings(BaseSettings):
     llm_rounds: int = Field(
         3, ge=1, le=10, description="requests per labeled text at most: another while fewer than its budget passed"
     )
+    llm_compose_examples: int = Field(
+        3,
+        ge=0,
+        le=8,
+        description="other labeled texts of its class an item short of its budget composes new posts from; 0: off",
+    )
     llm_max_tokens: int = Field(256, ge=16, le=4096, description="longest LLM answer, in tokens")
     llm_consistency_threshold: float = Field(
         0.8, gt=0, le=1, description="drop a variation the current model puts in another class with this confidence"

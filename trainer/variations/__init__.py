@@ -7,11 +7,13 @@ optional consistency filter: variations the current model confidently puts in an
 
 Then every rewrite must pass the verifier (`verifier`: copies of the prompt's examples, rewrites of injected
 texts, drift from the source, the LLM's own constrained label question in `judge`), and `budget` decides how many
-rewrites each item gets (more where the training set is thin).
+rewrites each item gets (more where the training set is thin); an item whose rewrites fall short of its budget
+composes new posts from several labeled texts of its class (`generator.compose`).
 
 One module per job: `prompt` (what is asked), `hygiene` (what is kept), `verifier` and `judge` (what is
-label-true), `budget` (how many), `generator` (the client, retries and failures), `records` (what came out),
-`llm_server` (the embedded llama.cpp server used when no endpoint is set).
+label-true), `budget` (how many), `generator` (rounds, composing, retries and failures), `endpoint` (one request
+and how it failed), `records` (what came out), `llm_server` (the embedded llama.cpp server used when no endpoint
+is set).
 """
 
 from __future__ import annotations

@@ -9,14 +9,15 @@ import logging
 import random
 import time
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from types import TracebackType
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
+from guardloop.trainer.variations.endpoint import AttemptFailed, attempt_failures, chat_once
 from guardloop.trainer.variations.hygiene import HygieneConfig, PredictProba, apply_hygiene, consistency_filter
 from guardloop.trainer.variations.judge import LLMJudge
 from guardloop.trainer.variations.llm_server import LocalLLMServer
-from guardloop.trainer.variations.prompt import build_messages
+from guardloop.trainer.variations.prompt import build_compose_messages, build_messages
 from guardloop.trainer.variations.records import VariationBatch, VariationResult, VariationStats
 from guardloop.trainer.variations.verifier import Embed, Verifier, VerifierConfig
 
@@ -57,14 +58,6 @@ class VariationConfig:
             raise ValueError("k and rounds must be at least 1")
         if self.retries < 0 or self.timeout <= 0 or self.backoff < 0:
             raise ValueError("retries must be >= 0, timeout > 0 and backoff >= 0")
-
-
-class _AttemptFailed(Exception):
-    def __init__(self, reason: str, detail: str, retryable: bool) -> None:
-        super().__init__(f"{reason}: {detail}")
-        self.reason = reason
-        self.detail = detail
-        self.retryable = retryable
 
 
 class VariationGenerator:
@@ -175,15 +168,18 @@ class VariationGenerator:
         return self._server.base_url if self._server else self.base_url
 
     # ----------------------------------------------------------------------------------------- generation
-    def generate(self, text: str, label: str, want: int | None = None) -> VariationResult:
+    def generate(
+        self, text: str, label: str, want: int | None = None, companions: Sequence[str] = ()
+    ) -> VariationResult:
         """Variations for one labeled text: one request, then, while fewer than `want` (at most k; None: k) rewrites
         have passed every check, up to `config.rounds - 1` more (a small LLM's rewrites are mostly rejected, so one
         request rarely yields what the class-deficit budget asked for). Endpoint failures are recorded on the
-        result, never raised; one after a first answer ends the rounds and keeps what was accepted."""
+        result, never raised; one after a first answer ends the rounds and keeps what was accepted.
+
+        `companions`: other labeled texts of the same class; when the rounds leave the item short of `want`, one
+        more request asks for new posts of the class written from it and them (see `compose`)."""
         label = parse_label(label)
-        target = self.config.k if want is None else min(self.config.k, want)
-        if target < 1:
-            raise ValueError(f"want must be at least 1, not {want}: an item that wants none is not sent")
+        target = self._target(want)
         self.start()
         result = VariationResult(text=text, label=label)
         started = time.monotonic()
@@ -192,7 +188,7 @@ class VariationGenerator:
             asked = time.monotonic()
             try:
                 content, tokens = self._request(messages, result)
-            except _AttemptFailed as failure:
+            except AttemptFailed as failure:
                 telemetry.record_llm_request(time.monotonic() - asked, failed=True)
                 if round_index == 0:
                     result.error, result.error_detail = failure.reason, failure.detail
@@ -212,9 +208,52 @@ class VariationGenerator:
                 break
             if result.error_detail is not None or len(result.accepted) >= target:
                 break  # enough, or the consistency check broke: more requests would be filtered the same way
+        if companions and result.error is None and result.error_detail is None and len(result.accepted) < target:
+            self._compose(result, companions, target)
         result.seconds = time.monotonic() - started
         self._count(result)
         return result
+
+    def compose(self, text: str, label: str, companions: Sequence[str], want: int | None = None) -> VariationResult:
+        """Up to `want` (at most k; None: k) new posts of `label` written from `text` and `companions` (other
+        labeled texts of that class) in one request, each through hygiene, the verifier (drift measured to the
+        nearest of those texts) and the consistency filter, like a rewrite. For a rare class whose few items'
+        rewrites are mostly rejected; they are attached to `text`'s item."""
+        label = parse_label(label)
+        target = self._target(want)
+        self.start()
+        result = VariationResult(text=text, label=label)
+        started = time.monotonic()
+        self._compose(result, companions, target)
+        result.seconds = time.monotonic() - started
+        self._count(result)
+        return result
+
+    def _target(self, want: int | None) -> int:
+        target = self.config.k if want is None else min(self.config.k, want)
+        if target < 1:
+            raise ValueError(f"want must be at least 1, not {want}: an item that wants none is not sent")
+        return target
+
+    def _compose(self, result: VariationResult, companions: Sequence[str], target: int) -> None:
+        """One composing request for the part of `target` that `result.accepted` lacks. A failure is the item's
+        error only when nothing else was asked for it (`compose`); after rewrite rounds it keeps what they gave."""
+        have = len(result.accepted)
+        messages = build_compose_messages([result.text, *companions], result.label, target - have)
+        asked = time.monotonic()
+        try:
+            content, tokens = self._request(messages, result)
+        except AttemptFailed as failure:
+            telemetry.record_llm_request(time.monotonic() - asked, failed=True)
+            if not result.rounds:
+                result.error, result.error_detail = failure.reason, failure.detail
+            return
+        request_seconds = time.monotonic() - asked
+        result.raw_output = content if result.raw_output is None else f"{result.raw_output}\n{content}"
+        result.completion_tokens += tokens
+        answered = self._accept(result, content, target, also=companions)
+        telemetry.record_llm_request(request_seconds, failed=not answered)
+        result.composed += len(result.accepted) - have
 
     def generate_many(
         self,
@@ -223,17 +262,21 @@ class VariationGenerator:
         raise_on_failure: bool = False,
         on_result: Callable[[VariationResult], None] | None = None,
         wants: Sequence[int] | None = None,
+        companions: Sequence[Sequence[str]] | None = None,
     ) -> VariationBatch:
         """Variations for each (text, label); carries on past failed items and reports them in the batch.
 
         After `config.stop_after_consecutive_failures` failed items in a row the endpoint is taken to be down:
         the remaining items are marked failed ("endpoint_down") without sending them. With raise_on_failure,
         the first failed item raises VariationError instead. `wants`: how many variations each item should end
-        with (its class-deficit budget, each at least 1); None: k for every item.
+        with (its class-deficit budget, each at least 1); None: k for every item. `companions`: per item, other
+        labeled texts of its class to compose from when its rewrites fall short (`generate`); None: none.
         """
         pairs = [(text, parse_label(label)) for text, label in items]
         if wants is not None and len(wants) != len(pairs):
             raise ValueError(f"{len(wants)} wants for {len(pairs)} items")
+        if companions is not None and len(companions) != len(pairs):
+            raise ValueError(f"{len(companions)} companion lists for {len(pairs)} items")
         before = copy.deepcopy(self.stats)
         results: list[VariationResult] = []
         consecutive_failures = 0
@@ -247,7 +290,8 @@ class VariationGenerator:
                 )
                 self._count(result)
             else:
-                result = self.generate(text, label, None if wants is None else wants[index])
+                want = None if wants is None else wants[index]
+                result = self.generate(text, label, want, () if companions is None else companions[index])
             consecutive_failures = consecutive_failures + 1 if result.failed else 0
             if result.failed:
                 log.error(
@@ -274,18 +318,20 @@ class VariationGenerator:
             results.append(result)
             if on_result is not None:
                 on_result(result)
-        return VariationBatch(results=results, stats=_stats_since(before, self.stats))
+        return VariationBatch(results=results, stats=self.stats.since(before))
 
-    def _accept(self, result: VariationResult, content: str, target: int) -> bool:
+    def _accept(self, result: VariationResult, content: str, target: int, also: Sequence[str] = ()) -> bool:
         """Add the answer's rewrites that pass hygiene, the verifier and the consistency filter to
-        `result.accepted`, up to `target` in all; False when the answer holds nothing that even looks like one."""
-        candidates, filtered = apply_hygiene(result.text, content, self.config.hygiene, result.accepted)
+        `result.accepted`, up to `target` in all; False when the answer holds nothing that even looks like one.
+        `also`: the other texts a composed answer was written from (a repeat of one is a duplicate)."""
+        already = [*result.accepted, *also]
+        candidates, filtered = apply_hygiene(result.text, content, self.config.hygiene, already)
         result.filtered.update(filtered)
         if not candidates and not filtered:
             return False
         if self.config.verifier is not None and candidates:
             result.verified += len(candidates)
-            candidates, rejected = self.verifier().verify(result.text, result.label, candidates)
+            candidates, rejected = self.verifier().verify(result.text, result.label, candidates, also)
             result.filtered.update(rejected)
         if self.predict_proba is not None and candidates:
             try:
@@ -337,7 +383,7 @@ class VariationGenerator:
             result.attempts += 1
             try:
                 return self._attempt(messages)
-            except _AttemptFailed as failure:
+            except AttemptFailed as failure:
                 self.stats.failures[failure.reason] += 1
                 result.attempt_errors.append(failure.reason)
                 if not failure.retryable or attempt == attempts - 1:
@@ -352,37 +398,29 @@ class VariationGenerator:
         raise AssertionError("unreachable")
 
     def _attempt(self, messages: list[dict[str, str]]) -> tuple[str, int]:
-        import openai
-
         assert self._client is not None
         started = time.monotonic()
         self.stats.requests += 1
         try:
-            model = self.model or self._first_listed_model()
-            response: Any = self._client.chat.completions.create(
-                model=model,
-                messages=messages,  # type: ignore[arg-type]
-                temperature=self.config.temperature,
-                max_tokens=self.config.max_tokens,
+            config = self.config
+            with attempt_failures(config.timeout):
+                model = self.model or self._first_listed_model()
+            return chat_once(
+                self._client,
+                model,
+                messages,
+                temperature=config.temperature,
+                max_tokens=config.max_tokens,
+                timeout=config.timeout,
             )
-        except openai.APITimeoutError as exc:
-            raise _AttemptFailed("timeout", f"no answer within {self.config.timeout:g}s", retryable=True) from exc
-        except openai.APIConnectionError as exc:
-            raise _AttemptFailed("connection", _describe_connection_error(exc), retryable=True) from exc
-        except openai.APIStatusError as exc:
-            retryable = exc.status_code >= 500 or exc.status_code in (408, 409, 429)
-            raise _AttemptFailed(f"http_{exc.status_code}", _short(str(exc)), retryable=retryable) from exc
-        except (openai.APIResponseValidationError, ValueError) as exc:  # ValueError: a body that is not JSON
-            raise _AttemptFailed("garbage_output", _short(f"{type(exc).__name__}: {exc}"), retryable=False) from exc
         finally:
             self.stats.request_seconds += time.monotonic() - started
-        return _answer_text(response)
 
     def _first_listed_model(self) -> str:
         assert self._client is not None
         models = [entry.id for entry in self._client.models.list()]
         if not models:
-            raise _AttemptFailed("no_model", "the endpoint lists no models; set GUARDLOOP_LLM_MODEL", retryable=False)
+            raise AttemptFailed("no_model", "the endpoint lists no models; set GUARDLOOP_LLM_MODEL", retryable=False)
         self.model = models[0]
         return self.model
 
@@ -393,30 +431,3 @@ class VariationError(Exception):
     def __init__(self, result: VariationResult) -> None:
         super().__init__(f"LLM variations failed ({result.error}): {result.error_detail}")
         self.result = result
-
-
-def _answer_text(response: Any) -> tuple[str, int]:
-    """The first choice's text; anything that is not a chat completion with text is garbage."""
-    try:
-        content = response.choices[0].message.content
-        usage = getattr(response, "usage", None)
-        tokens = int(getattr(usage, "completion_tokens", 0) or 0)
-    except (AttributeError, IndexError, TypeError) as exc:
-        raise _AttemptFailed("garbage_output", _short(f"not a chat completion: {response!r}"), retryable=False) from exc
-    if not isinstance(content, str) or not content.strip():
-        raise _AttemptFailed("garbage_output", "the answer has no text", retryable=False)
-    return content, tokens
-
-
-def _describe_connection_error(exc: Exception) -> str:
-    cause = exc.__cause__ or exc.__context__
-    return _short(f"{exc}: {cause}" if cause else str(exc))
-
-
-def _short(text: str, limit: int = 300) -> str:
-    text = " ".join(text.split())
-    return text if len(text) <= limit else text[: limit - 3] + "..."
-
-
-def _stats_since(before: VariationStats, now: VariationStats) -> VariationStats:
-    return VariationStats(**{f.name: getattr(now, f.name) - getattr(before, f.name) for f in fields(VariationStats)})

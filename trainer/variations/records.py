@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 log = logging.getLogger(__name__)
@@ -42,6 +42,7 @@ class VariationResult:
     completion_tokens: int = 0
     raw_output: str | None = None
     verified: int = 0  # rewrites that passed hygiene and went to the verifier (its rejections are in `filtered`)
+    composed: int = 0  # of `accepted`, the new posts written from this text and others of its class (compose)
 
     @property
     def rejected(self) -> int:
@@ -67,6 +68,7 @@ class VariationResult:
             "completion_tokens": self.completion_tokens,
             "verified": self.verified,
             "rejected": self.rejected,
+            "composed": self.composed,
         }
 
 
@@ -87,6 +89,10 @@ class VariationStats:
     items_failed: int = 0
     accepted: int = 0
     filtered: Counter[str] = field(default_factory=Counter)  # by reason
+
+    def since(self, before: VariationStats) -> VariationStats:
+        """What was counted after `before` (a copy of these stats taken earlier)."""
+        return VariationStats(**{f.name: getattr(self, f.name) - getattr(before, f.name) for f in fields(self)})
 
     @property
     def failures_total(self) -> int:

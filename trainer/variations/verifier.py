@@ -135,18 +135,23 @@ class Verifier:
         self.teacher = teacher
         self._examples = [(text, set(text.split())) for text in few_shot_texts()]
 
-    def verify(self, source: str, label: str, candidates: Sequence[str]) -> tuple[list[str], Counter[str]]:
+    def verify(
+        self, source: str, label: str, candidates: Sequence[str], also: Sequence[str] = ()
+    ) -> tuple[list[str], Counter[str]]:
         """The candidates that pass every check, in order, and the count rejected per reason."""
-        reasons = self.decide(source, label, candidates)
+        reasons = self.decide(source, label, candidates, also)
         kept = [text for text, reason in zip(candidates, reasons, strict=True) if reason is None]
         return kept, Counter(reason for reason in reasons if reason is not None)
 
-    def decide(self, source: str, label: str, candidates: Sequence[str]) -> list[str | None]:
-        """Per candidate, the reason it is rejected (the first check it fails), or None when it passes them all."""
+    def decide(self, source: str, label: str, candidates: Sequence[str], also: Sequence[str] = ()) -> list[str | None]:
+        """Per candidate, the reason it is rejected (the first check it fails), or None when it passes them all.
+
+        `also`: the other texts a composed post was written from (same class as `source`): it may carry none of
+        their instructions either, and it has drifted only when it is far from all of them."""
         reasons: list[str | None] = [None] * len(candidates)
         if not candidates:
             return reasons
-        if self.config.reject_injected and carries_instructions(source):
+        if self.config.reject_injected and any(carries_instructions(text) for text in (source, *also)):
             return ["injected_source"] * len(candidates)
         personal = label in self.config.first_person_labels and _FIRST_PERSON.search(source) is not None
         for i, text in enumerate(candidates):
@@ -155,7 +160,7 @@ class Verifier:
             elif personal and _FIRST_PERSON.search(text) is None:
                 reasons[i] = "not_first_person"
         for reason, check in (
-            ("drifted", lambda texts: self._drifted(source, texts)),
+            ("drifted", lambda texts: self._drifted([source, *also], texts)),
             ("judge_disagrees", lambda texts: self._judge_disagrees(source, label, texts)),
             ("teacher_disagrees", lambda texts: self._teacher_disagrees(label, texts)),
         ):
@@ -178,11 +183,11 @@ class Verifier:
         threshold = self.config.example_copy
         return any(_near_copy(normalized, tokens, example, words, threshold) for example, words in self._examples)
 
-    def _drifted(self, source: str, texts: list[str]) -> list[bool]:
+    def _drifted(self, sources: list[str], texts: list[str]) -> list[bool]:
         if self.embed is None:
             return [False] * len(texts)
-        vectors = np.asarray(self.embed([source, *texts]), dtype=np.float64)
-        cosines = vectors[1:] @ vectors[0]
+        vectors = np.asarray(self.embed([*sources, *texts]), dtype=np.float64)
+        cosines = (vectors[len(sources) :] @ vectors[: len(sources)].T).max(axis=1)  # the nearest source counts
         return [bool(c < self.config.min_source_cosine) for c in cosines]
 
     def _judge_disagrees(self, source: str, label: str, texts: list[str]) -> list[bool]:

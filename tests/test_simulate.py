@@ -134,9 +134,11 @@ def test_the_table_names_emergency_f1_the_verifier_share_and_per_class_counts_an
         it = iteration(1, 0.7, 2.0, [2, 2, 2, 2, 6, 6])
         it.eval_per_class_f1 = {**it.eval_per_class_f1, "emergency-situation": 0.25 * seed}
         it.variations_verified, it.variations_rejected = verified, rejected
+        it.variations_composed = 3 * seed
         append_result_line(results, "rare-cluster", seed, 0.6, it)
     old = iteration(1, 0.5, 1.0, [1, 1, 1, 1, 1, 1]).__dict__  # a line written before these fields existed
-    old = {k: v for k, v in old.items() if k not in ("variations_verified", "variations_rejected")}
+    newer = ("variations_verified", "variations_rejected", "variations_composed")
+    old = {k: v for k, v in old.items() if k not in newer}
     old.pop("acquired_with_variations"), old.pop("eval_per_class_f1")
     with results.open("a", encoding="utf-8") as out:
         out.write(json.dumps({"strategy": "cluster", "seed": 1, "baseline_macro_f1": 0.6, **old}) + "\n")
@@ -152,11 +154,11 @@ def test_the_table_names_emergency_f1_the_verifier_share_and_per_class_counts_an
     lines = run.stdout.splitlines()
     assert "emerg F1" in lines[0] and "rejected%" in lines[0]
     first = next(line for line in lines if line.startswith("rare-cluster"))
-    assert first.split()[-2:] == ["37.5", "40.0"]  # emergency-situation F1, share rejected (%)
-    assert first.split()[-4] == "70.0"  # macro-F1
+    assert first.split()[-3:] == ["37.5", "40.0", "4.5"]  # emergency F1, share rejected (%), composed posts
+    assert first.split()[-5] == "70.0"  # macro-F1
     assert any("eval F1 per class" in line for line in lines)
     per_class = [line for line in lines if line.startswith("rare-cluster")][1]
     assert per_class.split()[3:9] == ["12.0", "12.0", "12.0", "12.0", "36.0", "36.0"]  # labels + variations
     assert per_class.split()[-2] == "37.5"  # emergency-situation F1 in its column
     old_row = next(line for line in lines if line.startswith("cluster"))
-    assert old_row.split()[-2:] == ["-", "-"]  # no per-class F1 or verifier share recorded: shown as missing
+    assert old_row.split()[-3:] == ["-", "-", "-"]  # no per-class F1, verifier share or composed: shown as missing

@@ -130,6 +130,12 @@ def summarize(lines: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
                         sum(x.get("variations_rejected", 0) for x in at),
                         sum(x.get("variations_verified", 0) for x in at),
                     ),
+                    # this iteration's accepted posts composed from several labeled texts, mean over seeds
+                    "composed": (
+                        float(np.mean([x["variations_composed"] for x in at]))
+                        if all("variations_composed" in x for x in at)
+                        else None
+                    ),
                 }
             )
     return rows
@@ -150,11 +156,15 @@ def _percent(value: float | None, width: int) -> str:
 
 def summary_table(rows: Sequence[dict[str, Any]]) -> list[str]:
     """The lines of the tables `simulate` and `simulate-report` print, one row per strategy and iteration: the
-    acquired labels per class with their std, std with variations, macro-F1, emergency-situation F1 and the
-    share of rewrites the verifier rejected; then, per class, the counts with variations and the eval F1."""
+    acquired labels per class with their std, std with variations, macro-F1, emergency-situation F1, the share
+    of rewrites the verifier rejected and the iteration's composed posts; then, per class, the counts with
+    variations and the eval F1."""
     labels = " ".join(f"{label[:5]:>6}" for label in LABELS)
     head = f"{'strategy':<13}{'it':>3}{'seeds':>6}  "
-    lines = [f"{head}{labels}{'std':>7}{'std+var':>8}{'base F1':>9}{'F1':>8}{'±':>6}{'emerg F1':>9}{'rejected%':>10}"]
+    lines = [
+        f"{head}{labels}{'std':>7}{'std+var':>8}{'base F1':>9}{'F1':>8}{'±':>6}{'emerg F1':>9}{'rejected%':>10}"
+        f"{'composed':>9}"
+    ]
     for row in rows:
         counts = " ".join(f"{row['acquired'][label]:>6.1f}" for label in LABELS)
         critical = row.get("eval_per_class_f1", {}).get(CRITICAL)
@@ -162,7 +172,7 @@ def summary_table(rows: Sequence[dict[str, Any]]) -> list[str]:
             f"{row['strategy']:<13}{row['iteration']:>3}{len(row['seeds']):>6}  {counts}{row['std_labels']:>7.1f}"
             f"{row['std_with_variations']:>8.1f}{100 * row['baseline_macro_f1']:>9.1f}"
             f"{100 * row['eval_macro_f1']:>8.1f}{100 * row['eval_macro_f1_sd']:>6.1f}"
-            f"{_percent(critical, 9)}{_percent(row.get('rejected_share'), 10)}"
+            f"{_percent(critical, 9)}{_percent(row.get('rejected_share'), 10)}{_number(row.get('composed'), 9)}"
         )
     groups = f"{' ' * len(head)}{'labels + variations per class':<41}  eval F1 per class (%)"
     lines += ["", groups, f"{head}{labels}  {labels}"]
@@ -180,7 +190,8 @@ def iteration_line(strategy: str, seed: int, it: IterationResult) -> str:
         f"{strategy:<8} seed {seed:<4} it {it.iteration}: labels "
         + " ".join(f"{n}" for n in it.acquired.values())
         + f" (std {it.std_labels:.1f}; with variations std {it.std_with_variations:.1f}, "
-        f"{it.variations_accepted} new variations, verifier rejected {it.variations_rejected} of "
+        f"{it.variations_accepted} new variations ({it.variations_composed} composed), verifier rejected "
+        f"{it.variations_rejected} of "
         f"{it.variations_verified})  eval macro-F1 {it.eval_macro_f1:.4f}  "
         f"{CRITICAL} F1 {it.eval_per_class_f1.get(CRITICAL, float('nan')):.4f}  {it.seconds:.0f}s"
     )

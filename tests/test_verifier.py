@@ -8,6 +8,7 @@ SmolLM2 judge on a real loopback server is tested in test_verifier_real_llm.py.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -207,3 +208,17 @@ def test_verify_variations_refuses_a_malformed_sample(tmp_path: Path) -> None:
     assert_one_line_error(run_cli("verify-variations", "--sample", str(bad), env=env), "line 1", "hand_label")
     with pytest.raises(ValueError, match="line 1: no 'hand_label'"):
         load_sample(bad)
+
+
+def test_a_composed_row_is_judged_against_its_companions_too(tmp_path: Path) -> None:
+    post = "my landlord wants to evict me with two weeks notice, is that allowed?"
+    row = {"source": SOURCE, "label": "legal-advice", "variation": post, "hand_label": "legal-advice"}
+    companion = "my landlord wants to evict me with one week notice, is that allowed?"
+    sample = tmp_path / "sample.jsonl"
+    sample.write_text(json.dumps(row) + "\n" + json.dumps(row | {"companions": [companion]}) + "\n", encoding="utf-8")
+    alone, composed = judge_sample(load_sample(sample), Verifier(embed=bag_of_words))
+    assert (alone.kept, alone.reason) == (False, "drifted")  # far from its source alone
+    assert composed.kept  # near the text it was composed from
+    sample.write_text(json.dumps(row | {"companions": "not a list"}) + "\n", encoding="utf-8")
+    with pytest.raises(ValueError, match="line 1: 'companions' must be a list of texts"):
+        load_sample(sample)

@@ -14,13 +14,20 @@ from pathlib import Path
 import numpy as np
 import pytest
 from guardloop.trainer import steps
+from guardloop.trainer.cycle_labels import generate_variations
 from guardloop.trainer.simulation_variations import llm_variation_maker
+from guardloop.trainer.training_set import is_gold
 from guardloop.trainer.variations import VariationConfig, VariationGenerator
 from guardloop.trainer.variations.companions import companions_for
 from guardloop.trainer.variations.hygiene import clean_line
 from guardloop.trainer.variations.prompt import build_compose_messages
 from guardloop.trainer.variations.verifier import Verifier
 
+from guardloop.core.datafiles import Example
+from guardloop.core.settings import Settings
+from guardloop.storage import Database, ReviewRepository
+from guardloop.storage.cycles import CycleRepository
+from tests.pool_items import seed_requested
 from tests.test_variations import GOOD_ANSWER, ORIGINAL, fake_llm  # noqa: F401  (fake_llm: the fixture)
 from tests.test_verifier import bag_of_words
 
@@ -159,3 +166,44 @@ def test_the_simulation_applies_the_consistency_filter_to_composed_posts(fake_ll
     with generator(base_url, rounds=1) as gen:
         made = llm_variation_maker(gen)([(ORIGINAL, "legal-advice")], sure_it_is_medical, [5], [COMPANIONS])
     assert made.accepted == [[]] and made.composed == 0 and made.filtered == 5
+
+
+def test_a_cycle_composes_from_base_data_and_trainable_labels_never_from_the_gold_reserve(
+    fake_llm,  # noqa: F811
+    tmp_path: Path,
+) -> None:
+    """The cycle's variations step on a real SQLite database: every labeled item is short of its budget (the
+    endpoint writes 3 rewrites of 5), so each composes; no prompt may quote a gold-reserve text."""
+    fake, base_url = fake_llm
+    fake.script = ["ok", COMPOSED_ANSWER] * 16  # per item: its rewrites, then its composed posts
+    settings = Settings(
+        data_dir=tmp_path,
+        database_url=f"sqlite:///{tmp_path / 'guardloop.db'}",
+        gold_share=0.5,
+        llm_rounds=1,
+        llm_verify=False,
+        llm_variation_budget="uniform",
+    )
+    database = Database(settings.database_url_value)
+    database.ensure_schema()
+    texts = [f"can my landlord keep deposit number {n} for a stain?" for n in range(16)]
+    ids = seed_requested(database, texts)
+    reviews = ReviewRepository(database)
+    for item_id in ids:
+        reviews.add_label(item_id, "ann", "legal-advice")
+    gold = {final.text for final in reviews.final_labels() if is_gold(final.item_id, settings.gold_share)}
+    assert 0 < len(gold) < len(texts), "the test needs both gold and trainable labels"
+    base = [Example("is a verbal contract binding if nothing was signed?", "legal-advice")]
+
+    def open_generator(predict_proba):
+        return VariationGenerator(VariationConfig(k=5, retries=0, timeout=5), base_url=base_url, model="fake-model")
+
+    outcome = generate_variations(settings, reviews, CycleRepository(database), base, open_generator, "c1", None)
+
+    trainable = set(texts) - gold
+    assert outcome["items"] == len(trainable) and outcome["composed"] == 2 * len(trainable)
+    composing = [body["messages"][-1]["content"] for _, body in fake.requests if "new legal-advice posts" in str(body)]
+    assert len(composing) == len(trainable)
+    quoted = {text for request in composing for text in [*trainable, *gold, base[0].text] if text in request}
+    assert not quoted & gold  # the gold reserve never reaches a prompt
+    assert quoted - {base[0].text} and quoted <= trainable | {base[0].text}

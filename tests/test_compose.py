@@ -28,7 +28,7 @@ from guardloop.core.settings import Settings
 from guardloop.storage import Database, ReviewRepository
 from guardloop.storage.cycles import CycleRepository
 from tests.pool_items import seed_requested
-from tests.test_variations import GOOD_ANSWER, ORIGINAL, fake_llm  # noqa: F401  (fake_llm: the fixture)
+from tests.test_variations import GOOD_ANSWER, ORIGINAL, fake_llm, llm_requests_counted  # noqa: F401  (fake_llm: the fixture)
 from tests.test_verifier import bag_of_words
 
 COMPANIONS = [
@@ -66,8 +66,10 @@ def test_the_compose_prompt_quotes_every_text_as_data_and_asks_for_new_posts() -
 def test_an_item_short_of_its_budget_composes_the_rest_from_its_class(fake_llm) -> None:  # noqa: F811
     fake, base_url = fake_llm
     fake.script = ["ok", COMPOSED_ANSWER]
+    counted = llm_requests_counted()
     with generator(base_url, rounds=1) as gen:
         result = gen.generate(ORIGINAL, "legal-advice", want=5, companions=COMPANIONS)
+    assert llm_requests_counted() - counted == 2  # Prometheus counts the composing request too
     composed = lines(COMPOSED_ANSWER)
     assert result.accepted == [*lines(GOOD_ANSWER), composed[0], composed[2]] and not result.failed
     assert result.composed == 2 and result.filtered == {"duplicate": 1}  # the companion's repeat

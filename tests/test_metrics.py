@@ -335,12 +335,14 @@ def small_cycle(root: Path) -> tuple[Settings, Database]:
         gate_max_macro_f1_drop=1.0,
         gate_max_recall_drop=1.0,
         # One LLM request per labelled item, which the counts below rely on: no item withheld (gold reserve, label
-        # check) or left without a budget (deficit budget), and no judge question the scripted LLM cannot answer.
-        # Each of those is tested on its own (test_gate, test_suspects, test_variation_budget, test_verifier).
+        # check) or left without a budget (deficit budget), no judge question the scripted LLM cannot answer, and
+        # no composing request for an item short of its budget. Each of those is tested on its own (test_gate,
+        # test_suspects, test_variation_budget, test_verifier, test_compose).
         gold_share=0.0,
         label_check=False,
         llm_variation_budget="uniform",
         llm_verify=False,
+        llm_compose_examples=0,
     )
     database = Database(settings.database_url_value)
     fill_pool(database, list(POOL_TEXTS))

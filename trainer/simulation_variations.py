@@ -72,9 +72,9 @@ def llm_variation_maker(generator: Any, cache_file: Path | None = None) -> steps
         # An item whose cached rewrites fall short of its want composes the rest from its class's other labeled
         # texts, as generate() does in a cycle; cached by those texts too (they differ by strategy and seed).
         entries = [[key(text, label)] for text, label in items]
-        for i, (text, label) in enumerate(items):
+        targets = list(wants) if wants is not None else [generator.config.k] * len(items)
+        for i, ((text, label), want) in enumerate(zip(items, targets, strict=True)):
             others = companions[i] if companions is not None else ()
-            want = wants[i] if wants is not None else generator.config.k
             have = len(cache.get(entries[i][0], [])[:want])
             if not others or entries[i][0] not in cache or have >= want:
                 continue
@@ -85,11 +85,11 @@ def llm_variation_maker(generator: Any, cache_file: Path | None = None) -> steps
                     remember(entries[i][1], result, label, [text, *others])
         threshold = generator.config.consistency_threshold
         kept, dropped, composed = [], 0, 0
-        for i, ((_, label), item_keys) in enumerate(zip(items, entries, strict=True)):
+        for (_, label), item_keys, want in zip(items, entries, targets, strict=True):
             rewrites = cache.get(item_keys[0], [])
             new_posts = cache.get(item_keys[1], []) if len(item_keys) > 1 else []
             if new_posts:  # the rewrites first, up to the want; the composed posts fill the rest
-                rewrites = rewrites[: wants[i] if wants is not None else generator.config.k]
+                rewrites = rewrites[:want]
             offered = rewrites + new_posts
             accepted, n_dropped = (
                 consistency_filter(offered, label, current_proba, threshold) if current_proba else (offered, 0)

@@ -33,7 +33,7 @@ from guardloop.storage import (
     ReviewRepository,
     upgrade_database,
 )
-from tests.conftest import ADMIN_TOKEN, live_server, unavailable
+from tests.conftest import ADMIN_TOKEN, live_server, unavailable, wait_for
 from tests.test_drift import TOPICS, TopicEmbedder
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -163,13 +163,18 @@ def test_the_ops_page_shows_the_map_in_chromium(settings: Settings, pool_db):
             page.goto(f"{base}/ops")
             page.get_by_label("Admin token").fill("wrong-token")
             page.keyboard.press("Enter")
-            page.wait_for_function("document.getElementById('status').textContent.includes('admin token')")
+            # Polled from here through page.evaluate (the DevTools protocol, which the page's CSP does not govern):
+            # page.wait_for_function evaluates its string inside the page with eval, which `script-src 'self'`
+            # refuses whenever the first check comes too early to be true.
+            assert wait_for(
+                lambda: "admin token" in page.evaluate("document.getElementById('status').textContent")
+            )
             assert page.evaluate("sessionStorage.getItem('guardloop.adminToken')") is None
             errors.clear()  # the browser logs the refused fetch (403) as an error: that one was the point
             page.get_by_label("Admin token").fill(ADMIN_TOKEN)
             page.keyboard.press("Enter")
             page.wait_for_selector("body[data-state=ready]")
-            page.wait_for_function("document.getElementById('map').naturalWidth > 1000")
+            assert wait_for(lambda: page.evaluate("document.getElementById('map').naturalWidth") > 1000)
             assert page.evaluate("document.getElementById('map').src").startswith("blob:")
             assert errors == []
         finally:

@@ -166,9 +166,7 @@ def test_the_ops_page_shows_the_map_in_chromium(settings: Settings, pool_db):
             # Polled from here through page.evaluate (the DevTools protocol, which the page's CSP does not govern):
             # page.wait_for_function evaluates its string inside the page with eval, which `script-src 'self'`
             # refuses whenever the first check comes too early to be true.
-            assert wait_for(
-                lambda: "admin token" in page.evaluate("document.getElementById('status').textContent")
-            )
+            assert wait_for(lambda: "admin token" in page.evaluate("document.getElementById('status').textContent"))
             assert page.evaluate("sessionStorage.getItem('guardloop.adminToken')") is None
             errors.clear()  # the browser logs the refused fetch (403) as an error: that one was the point
             page.get_by_label("Admin token").fill(ADMIN_TOKEN)

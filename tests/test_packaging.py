@@ -56,6 +56,7 @@ def test_the_wheel_holds_one_top_level_package_with_its_data(tmp_path: Path) -> 
     for data in (
         "guardloop/core/seed/train.jsonl",
         "guardloop/core/seed/eval.jsonl",
+        "guardloop/core/seed/emergency_preparedness.jsonl",
         "guardloop/storage/migrations/env.py",
         "guardloop/service/templates/review.html",
     ):

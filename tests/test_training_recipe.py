@@ -243,3 +243,16 @@ def test_train_job_with_a_teacher_gives_the_student_the_teachers_probabilities(
     assert [ex.label for ex in student_data] == [ex.label for ex in train] + [None] * len(unlabeled)
     expected = predict_proba(teachers[0].model, teachers[0].tokenizer, [ex.text for ex in student_data], 32)
     np.testing.assert_allclose(np.stack([ex.soft for ex in student_data]), expected, atol=1e-6)
+
+
+def test_the_preparedness_supplement_loads_as_emergency_posts_the_seed_set_lacks():
+    """The README trains with `--data guardloop/core/seed/emergency_preparedness.jsonl`: it must load with the
+    project's reader, hold only emergency-situation posts, and teach something new (no text repeats the seed set's
+    train or eval files, which would also leak into the gate's seed eval)."""
+    loaded = load_examples([SEED_DIR / "emergency_preparedness.jsonl"])
+    assert loaded.bad_rows == [] and len(loaded.examples) == 50
+    assert {example.label for example in loaded.examples} == {"emergency-situation"}
+    texts = [example.text.casefold() for example in loaded.examples]
+    assert len(set(texts)) == len(texts)
+    seed = load_examples([SEED_DIR / "train.jsonl", SEED_DIR / "eval.jsonl"]).examples
+    assert not set(texts) & {example.text.casefold() for example in seed}

@@ -12,6 +12,7 @@ from typing import Any
 
 from guardloop.models.registry import ModelCard, ModelRegistry
 from guardloop.trainer import base_models
+from guardloop.trainer.averaging import fine_tune_averaged
 from guardloop.trainer.embeddings import SentenceEmbedder
 from guardloop.trainer.export import export_onnx, onnx_agreement
 from guardloop.trainer.finetune import FineTuneConfig, TrainingExample, fine_tune, predict_proba
@@ -56,6 +57,7 @@ class TrainJob:
     teacher: str | Path | None = None  # "mpnet" (packaged), a local encoder directory, or None: no distillation
     base_model: Path | None = None  # the student's base directory; None: the packaged all-MiniLM-L6-v2
     teacher_epochs: int = TEACHER_EPOCHS
+    average_of: int = 1  # > 1: the student is the weight average of that many fine-tunes (averaging.py)
     cache_dir: Path = Path("var/cache")
     quantize: bool = True
     progress: bool = True
@@ -106,7 +108,7 @@ def train_model(job: TrainJob, work_dir: Path) -> tuple[Path, ModelCard]:
     else:
         examples = [TrainingExample(ex.text, ex.label) for ex in job.train]
     dev_pairs = [(ex.text, ex.label) for ex in job.dev] if job.dev else None
-    result = fine_tune(student_dir, examples, dev_pairs, job.config, progress=job.progress)
+    result = fine_tune_averaged(student_dir, examples, dev_pairs, job.config, job.average_of, progress=job.progress)
 
     staging = work_dir / "staging"
     # With static int8 (see export.py) the activation scales are calibrated on a sample of the training texts.

@@ -49,6 +49,7 @@ def _train(
     teacher = config_overrides.pop("teacher", None)
     teacher_epochs = config_overrides.pop("teacher_epochs", None) or TEACHER_EPOCHS
     base_model = config_overrides.pop("base_model", None)
+    average_of = config_overrides.pop("average_of", None) or 1
     config = FineTuneConfig(seed=settings.seed, **{k: v for k, v in config_overrides.items() if v is not None})
     fingerprints = dict(train_data.fingerprints) | (dev_data.fingerprints if dev_data else {})
     job = TrainJob(
@@ -60,6 +61,7 @@ def _train(
         teacher=teacher,
         teacher_epochs=teacher_epochs,
         base_model=base_model,
+        average_of=average_of,
         cache_dir=settings.data_dir / "cache",
         progress=progress,
     )
@@ -106,6 +108,12 @@ def train(
         int | None, typer.Option(min=1, help="the teacher's most epochs (default 10; early stopping on --dev)")
     ] = None,
     unlabeled: Annotated[list[Path] | None, typer.Option(help="unlabeled texts for the teacher to soft-label")] = None,
+    average_of: Annotated[
+        int | None,
+        typer.Option(
+            min=1, help="fine-tune the student N times from one start and serve the weight average (N x the time)"
+        ),
+    ] = None,
 ) -> None:
     """Fine-tune the student (all-MiniLM-L6-v2 or --base-model), export int8 ONNX, verify it against torch, publish
     it as current."""
@@ -135,6 +143,7 @@ def train(
         teacher=teacher,
         teacher_epochs=teacher_epochs,
         base_model=base_model,
+        average_of=average_of,
     )
     typer.echo(version)
 

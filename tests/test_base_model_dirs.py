@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 from guardloop.models.registry import ModelRegistry
+from guardloop.trainer import averaging as averaging_module
 from guardloop.trainer import train as train_module
 from guardloop.trainer.base_models import InvalidBaseModel, encoder_dir, minilm_dir, student_dir
 from guardloop.trainer.finetune import fine_tune
@@ -123,3 +124,33 @@ def test_train_uses_the_operators_teacher_then_student(tiny_dir, tmp_path, monke
 
     assert isinstance(result.exception, StudentReached), (result.output, result.exception)
     assert bases == [teacher, tiny_dir]
+
+
+@pytest.mark.parametrize("how", ["option", "setting"])
+def test_train_averages_as_many_members_as_asked(tiny_dir, tmp_path, monkeypatch, how):
+    """`--average-of 2` (or GUARDLOOP_TRAIN_AVERAGE_OF=2, as the cycle and the bootstrap model read it): two
+    fine-tunes of the student from one start, data orders seed and seed + 1 (averaging.py is tested on its own in
+    test_weight_averaging.py)."""
+    members: list[tuple[int, int | None]] = []
+
+    def recording_fine_tune(base_dir, train, dev, config, *, progress=True):
+        members.append((config.seed, config.order_seed))
+        if len(members) == 2:
+            raise StudentReached
+        return fine_tune(base_dir, train, dev, config, progress=False)
+
+    monkeypatch.setattr(averaging_module, "fine_tune", recording_fine_tune)
+    data = tmp_path / "train.jsonl"
+    lines = (SEED_DIR / "train.jsonl").read_text(encoding="utf-8").splitlines()
+    data.write_text("\n".join(lines[::20]) + "\n", encoding="utf-8")
+    env = {"GUARDLOOP_REGISTRY_DIR": str(tmp_path / "registry"), "GUARDLOOP_DATA_DIR": str(tmp_path / "data")}
+    options = ["--base-model", str(tiny_dir), "--epochs", "1", "--seed", "4"]
+    if how == "option":
+        options += ["--average-of", "2"]
+    else:
+        env["GUARDLOOP_TRAIN_AVERAGE_OF"] = "2"
+
+    result = CliRunner().invoke(app, ["train", "--data", str(data), *options], env=env)
+
+    assert isinstance(result.exception, StudentReached), (result.output, result.exception)
+    assert members == [(4, 4), (4, 5)]

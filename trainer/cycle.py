@@ -332,6 +332,7 @@ class CycleRunner:
                     teacher=self.settings.teacher,
                     unlabeled=unlabeled,
                     reference_texts=[ex.text for ex in base_train] + [text for text, _ in human],
+                    average_of=self.settings.train_average_of,
                 )
                 detail["dev_macro_f1"] = (card.metrics.get("dev") or {}).get("macro_f1")
                 detail["onnx_agreement"] = card.metrics["onnx_check"]["agreement"]

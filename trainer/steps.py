@@ -214,11 +214,13 @@ def train(
     teacher: str | Path | None = None,
     unlabeled: Sequence[str] = (),
     reference_texts: Sequence[str] | None = None,
+    average_of: int = 1,
 ) -> tuple[Path, ModelCard]:
     """Fine-tune, export int8 ONNX and check it against torch, into `work_dir`: (staging dir, unpublished card).
     `base_model`, `teacher`: settings.base_model and settings.teacher (None: MiniLM, no distillation).
     `unlabeled`: texts the teacher soft-labels for the student (the cycle's pool); ignored without a teacher.
-    `reference_texts`: what the drift reference is drawn from (TrainJob says why variations stay out of it)."""
+    `reference_texts`: what the drift reference is drawn from (TrainJob says why variations stay out of it).
+    `average_of`: settings.train_average_of (averaging.py)."""
     job = TrainJob(
         train=examples,
         dev=dev,
@@ -230,6 +232,7 @@ def train(
         teacher=teacher,
         unlabeled=unlabeled,
         reference_texts=reference_texts,
+        average_of=average_of,
     )
     return train_model(job, work_dir)
 

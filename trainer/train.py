@@ -108,7 +108,10 @@ def train_model(job: TrainJob, work_dir: Path) -> tuple[Path, ModelCard]:
     else:
         examples = [TrainingExample(ex.text, ex.label) for ex in job.train]
     dev_pairs = [(ex.text, ex.label) for ex in job.dev] if job.dev else None
-    result = fine_tune_averaged(student_dir, examples, dev_pairs, job.config, job.average_of, progress=job.progress)
+    if job.average_of > 1:
+        result = fine_tune_averaged(student_dir, examples, dev_pairs, job.config, job.average_of, progress=job.progress)
+    else:
+        result = fine_tune(student_dir, examples, dev_pairs, job.config, progress=job.progress)
 
     staging = work_dir / "staging"
     # With static int8 (see export.py) the activation scales are calibrated on a sample of the training texts.
@@ -177,6 +180,7 @@ def train_bootstrap_model(settings: Settings, registry: ModelRegistry, *, progre
         progress=progress,
         base_model=settings.base_model,
         teacher=settings.teacher,
+        average_of=settings.train_average_of,
     )
     outcome = train_and_publish(job, registry)
     return outcome.version or ""

@@ -111,7 +111,9 @@ def train(
     average_of: Annotated[
         int | None,
         typer.Option(
-            min=1, help="fine-tune the student N times from one start and serve the weight average (N x the time)"
+            min=1,
+            help="fine-tune the student N times from one start and serve the weight average (N x the time; "
+            "default: settings)",
         ),
     ] = None,
 ) -> None:
@@ -120,6 +122,7 @@ def train(
     settings = load_settings()
     base_model = base_model or settings.base_model
     teacher = teacher or settings.teacher
+    average_of = average_of or settings.train_average_of
     if unlabeled and not teacher:
         raise UserError("--unlabeled needs --teacher: only a teacher can learn from unlabeled texts")
     # An operator's directories are checked before the data is read and anything trains.

@@ -96,6 +96,14 @@ def test_the_cli_refuses_a_bad_student_or_teacher_in_one_line(tiny_dir, tmp_path
     assert ModelRegistry(tmp_path / "registry").versions() == []
 
 
+def small_training_run(tmp_path: Path) -> tuple[Path, dict[str, str]]:
+    """Every 20th seed training row as a data file, and an environment with a registry and data dir of its own."""
+    data = tmp_path / "train.jsonl"
+    lines = (SEED_DIR / "train.jsonl").read_text(encoding="utf-8").splitlines()
+    data.write_text("\n".join(lines[::20]) + "\n", encoding="utf-8")
+    return data, {"GUARDLOOP_REGISTRY_DIR": str(tmp_path / "registry"), "GUARDLOOP_DATA_DIR": str(tmp_path / "data")}
+
+
 class StudentReached(Exception):
     """Stops `guardloop train` once the student starts (export with a base directory: test_export_agreement.py)."""
 
@@ -114,10 +122,7 @@ def test_train_uses_the_operators_teacher_then_student(tiny_dir, tmp_path, monke
         return fine_tune(base_dir, train, dev, config, progress=False)
 
     monkeypatch.setattr(train_module, "fine_tune", recording_fine_tune)
-    data = tmp_path / "train.jsonl"
-    lines = (SEED_DIR / "train.jsonl").read_text(encoding="utf-8").splitlines()
-    data.write_text("\n".join(lines[::20]) + "\n", encoding="utf-8")
-    env = {"GUARDLOOP_REGISTRY_DIR": str(tmp_path / "registry"), "GUARDLOOP_DATA_DIR": str(tmp_path / "data")}
+    data, env = small_training_run(tmp_path)
     options = ["--base-model", str(tiny_dir), "--teacher", str(teacher), "--epochs", "1", "--teacher-epochs", "1"]
 
     result = CliRunner().invoke(app, ["train", "--data", str(data), *options], env=env)
@@ -140,10 +145,7 @@ def test_train_averages_as_many_members_as_asked(tiny_dir, tmp_path, monkeypatch
         return fine_tune(base_dir, train, dev, config, progress=False)
 
     monkeypatch.setattr(averaging_module, "fine_tune", recording_fine_tune)
-    data = tmp_path / "train.jsonl"
-    lines = (SEED_DIR / "train.jsonl").read_text(encoding="utf-8").splitlines()
-    data.write_text("\n".join(lines[::20]) + "\n", encoding="utf-8")
-    env = {"GUARDLOOP_REGISTRY_DIR": str(tmp_path / "registry"), "GUARDLOOP_DATA_DIR": str(tmp_path / "data")}
+    data, env = small_training_run(tmp_path)
     options = ["--base-model", str(tiny_dir), "--epochs", "1", "--seed", "4"]
     if how == "option":
         options += ["--average-of", "2"]

@@ -15,10 +15,7 @@ from dataclasses import asdict, replace
 from pathlib import Path
 
 import torch
-from guardloop.trainer.evaluation import classification_report
-from guardloop.trainer.finetune import FineTuneConfig, FineTuneResult, TrainingExample, fine_tune, predict_proba
-
-from guardloop.core.labels import LABELS
+from guardloop.trainer.finetune import FineTuneConfig, FineTuneResult, TrainingExample, dev_report, fine_tune
 
 
 def member_configs(config: FineTuneConfig, members: int) -> list[FineTuneConfig]:
@@ -49,17 +46,11 @@ def fine_tune_averaged(
     progress: bool = True,
 ) -> FineTuneResult:
     """Fine-tune `members` times (each with its own early stopping on `dev`) and return the weight average."""
-    if members == 1:
-        return fine_tune(base_dir, train, dev, config, progress=progress)
     started = time.perf_counter()
     results = [fine_tune(base_dir, train, dev, member, progress=progress) for member in member_configs(config, members)]
     model = results[0].model
     model.load_state_dict(average_state_dicts([result.model.state_dict() for result in results]))
     model.eval()
-    dev_report = None
-    if dev:
-        probs = predict_proba(model, results[0].tokenizer, [text for text, _ in dev], config.max_seq_len)
-        dev_report = classification_report([label for _, label in dev], [LABELS[i] for i in probs.argmax(axis=1)])
     members_info = [
         {
             "order_seed": result.config["order_seed"],
@@ -72,7 +63,7 @@ def fine_tune_averaged(
         model=model,
         tokenizer=results[0].tokenizer,
         best_epoch=results[0].best_epoch,
-        dev_report=dev_report,
+        dev_report=dev_report(model, results[0].tokenizer, dev, config.max_seq_len) if dev else None,
         history=[entry | {"member": i} for i, result in enumerate(results) for entry in result.history],
         seconds=time.perf_counter() - started,
         config=asdict(config) | {"averaged_members": members_info},

@@ -123,6 +123,12 @@ def predict_proba(
     return out
 
 
+def dev_report(model: Any, tokenizer: Any, dev: Sequence[tuple[str, str]], max_seq_len: int) -> dict[str, Any]:
+    """The classification report of `model`'s argmax on `dev`, (text, label) pairs."""
+    probs = predict_proba(model, tokenizer, [text for text, _ in dev], max_seq_len)
+    return classification_report([label for _, label in dev], [LABELS[i] for i in probs.argmax(axis=1)])
+
+
 def route_library_logs() -> None:
     """transformers and optimum log through handlers of their own, bound to sys.stderr as it was when they first
     logged: a command run in-process twice (a test's CliRunner) got "--- Logging error ---" tracebacks once the
@@ -212,8 +218,7 @@ def fine_tune(
             bar.set_postfix(loss=f"{running / step:.3f}")
         entry = {"epoch": epoch, "train_loss": running / max(1, steps_per_epoch)}
         if dev:
-            probs = predict_proba(model, tokenizer, [t for t, _ in dev], config.max_seq_len)
-            report = classification_report([y for _, y in dev], [LABELS[i] for i in probs.argmax(axis=1)])
+            report = dev_report(model, tokenizer, dev, config.max_seq_len)
             entry["dev_macro_f1"] = report["macro_f1"]
             if report["macro_f1"] > best_f1:
                 best_f1, best_epoch, best_report, bad_epochs = report["macro_f1"], epoch, report, 0

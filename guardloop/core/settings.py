@@ -325,11 +325,11 @@ class Settings(BaseSettings):
         None, description="student base: a local Hugging Face encoder directory (default: all-MiniLM-L6-v2)"
     )
     teacher: str | None = Field(None, description="distill from 'mpnet' or a local encoder directory (default: none)")
-    # The pool is the deployment's own unlabeled traffic: the teacher soft-labels it for the student. Distilling
-    # costs about 0.4 s of one core per text over ten epochs, so a cycle takes the newest few thousand.
     # A cycle's (and the bootstrap model's) student as the weight average of this many fine-tunes from one start
     # (trainer/averaging.py): steadier from seed to seed, N times the training time.
     train_average_of: int = Field(1, ge=1, le=10, description="fine-tunes averaged into each trained student")
+    # The pool is the deployment's own unlabeled traffic: the teacher soft-labels it for the student. Distilling
+    # costs about 0.4 s of one core per text over ten epochs, so a cycle takes the newest few thousand.
     teacher_unlabeled_max: int = Field(
         4000, ge=0, description="newest pool texts the teacher soft-labels in a cycle (0: training texts only)"
     )

@@ -17,6 +17,12 @@ from guardloop.core.settings import Settings
 
 ADMIN_TOKEN = "test-admin-token-0123456789"
 
+# The suite trains many small models (cycles, bootstrap, CLI runs in subprocesses, which inherit this): one
+# fine-tune each instead of the default average of three keeps it inside its time budget. The averaging itself is
+# tested where it is the subject (test_weight_averaging.py, test_base_model_dirs.py), and a test that sets the
+# variable keeps its own value.
+os.environ.setdefault("GUARDLOOP_TRAIN_AVERAGE_OF", "1")
+
 
 @pytest.fixture
 def registry(tmp_path: Path) -> ModelRegistry:

@@ -153,3 +153,31 @@ def test_train_exports_verifies_and_publishes_a_real_model(tmp_path, cli_env):
     report = json.loads(run_cli("eval", "--data", str(SEED / "eval.jsonl"), "--json", env=cli_env).stdout)
     assert report["model_version"] == version
     assert report["macro_f1"] > 0.5  # far above chance (1/6) after two epochs
+
+
+def test_serve_runs_with_the_thread_switch_interval_it_is_given(tmp_path, monkeypatch):
+    """GUARDLOOP_GIL_SWITCH_INTERVAL_MS reaches the serving process before uvicorn starts (uvicorn.run is replaced
+    by a recorder: the setting is what is checked, not a server)."""
+    from typer.testing import CliRunner
+
+    from guardloop.cli import serve as serve_command
+    from guardloop.cli.app import app
+    from tests.conftest import free_port
+
+    publish_tiny(ModelRegistry(tmp_path / "registry"), tmp_path)
+    for name, value in {
+        "GUARDLOOP_REGISTRY_DIR": str(tmp_path / "registry"),
+        "GUARDLOOP_DATA_DIR": str(tmp_path / "data"),
+        "GUARDLOOP_PORT": str(free_port()),
+        "GUARDLOOP_GIL_SWITCH_INTERVAL_MS": "0.3",
+    }.items():
+        monkeypatch.setenv(name, value)
+    seen: list[float] = []
+    monkeypatch.setattr(serve_command.uvicorn, "run", lambda *args, **kwargs: seen.append(sys.getswitchinterval()))
+    before = sys.getswitchinterval()
+    try:
+        result = CliRunner().invoke(app, ["serve", "--no-bootstrap"])
+    finally:
+        sys.setswitchinterval(before)
+    assert result.exit_code == 0, result.output
+    assert seen == [pytest.approx(0.0003)]

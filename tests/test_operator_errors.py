@@ -47,6 +47,8 @@ MISTAKES = [
     ("cron with --with-trainer", {"GUARDLOOP_CYCLE_CRON": BAD_CRON}, ["serve", "--with-trainer"],
      ["GUARDLOOP_CYCLE_CRON: '61 * * * *' is not a crontab line", "'0 3 * * *'"]),
     ("cron on trainer", {"GUARDLOOP_CYCLE_CRON": "every night"}, ["trainer"], ["GUARDLOOP_CYCLE_CRON"]),
+    ("switch interval zero", {"GUARDLOOP_GIL_SWITCH_INTERVAL_MS": "0"}, ["serve"],
+     ["GUARDLOOP_GIL_SWITCH_INTERVAL_MS: should be greater than 0"]),
     ("port out of range", {"GUARDLOOP_PORT": "70000"}, ["serve"],
      ["GUARDLOOP_PORT: should be less than or equal to 65535", "'70000'"]),
     ("--port out of range", {}, ["serve", "--port", "70000"], ["--port: port 70000 is out of range"]),

@@ -5,6 +5,7 @@ from __future__ import annotations
 import errno
 import logging
 import socket
+import sys
 from collections.abc import Callable
 from typing import Annotated, Any
 
@@ -72,6 +73,9 @@ def serve(
         except ScheduleError as exc:
             raise UserError(str(exc)) from None
         scheduler.start()
+    # Process-wide, so here and not in create_app: the event loop and the inference threads share one GIL
+    # (the setting's comment says why the default is shorter than Python's).
+    sys.setswitchinterval(settings.gil_switch_interval_ms / 1000)
     try:
         uvicorn.run(
             create_app(settings),

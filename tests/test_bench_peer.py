@@ -10,7 +10,7 @@ import os
 import pytest
 
 from guardloop.bench.infinity_peer import ensure_venv, hf_model_dir, request_body
-from guardloop.bench.peer import raw_onnx, run_peer_bench, tree_rss_mb
+from guardloop.bench.peer import RawFigures, Server, Tally, raw_onnx, report, run_peer_bench, tree_rss_mb
 from guardloop.core.errors import UserError
 from guardloop.core.labels import LABELS
 from tests.tiny_onnx import publish_tiny
@@ -65,3 +65,19 @@ def test_operator_mistakes_are_one_line(settings, registry, tmp_path):
             settings=settings, registry_dir=registry.root, peer="infinity", peer_venv=tmp_path, seconds=2,
             reference=False,
         )  # fmt: skip
+
+
+def test_the_report_sets_each_figure_against_its_target_and_the_models_own_floor():
+    """Figures made up for the arithmetic: 300 texts/s served against a raw 500 on two threads is 60%; 32 requests
+    in flight at 500 texts/s wait at least 64 ms (Little's law), so a p99 under 60 ms cannot happen there."""
+    raw = RawFigures(forward_p50_ms=4.0, one_thread=250, two_threads=500, per_cpu_second=250)
+    ours = Server("guardloop", "http://127.0.0.1:1", 1, [], ready_seconds=1.5, latencies_ms=[6.0] * 99 + [12.0])
+    ours.served = {32: Tally(3000, 10.0, [100.0] * 100, 15.0), 128: Tally(2800, 10.0, [400.0] * 100, 14.0)}
+    ours.rss_mb = 190
+    lines: list[str] = []
+    report(raw, ours, None, None, lines.append)
+    text = "\n".join(lines)
+    assert "guardloop c=32: 60% of the raw two-thread figure (target >= 75%), p99 100.0 ms (target < 60)" in text
+    assert "floor at c=32: mean latency >= 64 ms from the model alone on two threads (no p99 below)" in text
+    assert "guardloop c=1: p50 1.50x the raw forward pass (target <= 1.7x)" in text
+    assert "guardloop 200; raw ONNX in batches of 32 250 (guardloop / raw: 80%)" in text

@@ -386,6 +386,8 @@ def report(
         f"guardloop c={c_lo}: {ours_lo.rate / raw.two_threads:.0%} of the raw two-thread figure (target >= 75%), "
         f"p99 {percentile(ours_lo.latencies_ms, 99):.1f} ms (target < 60)"
     )
+    floor_ms = 1000 * c_lo / raw.two_threads  # Little's law: c in flight, served no faster than the model runs
+    echo(f"floor at c={c_lo}: mean latency >= {floor_ms:.0f} ms from the model alone on two threads (no p99 below)")
     echo(f"guardloop c=1: p50 {ours_p50 / raw.forward_p50_ms:.2f}x the raw forward pass (target <= 1.7x)")
     efficiency = ours_lo.per_cpu_second / raw.per_cpu_second
     peer = f", infinity {theirs.served[c_lo].per_cpu_second:.0f}" if theirs is not None else ""

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import sys
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
@@ -40,6 +41,7 @@ from guardloop.service.routers import (
 from guardloop.service.security_headers import SecurityHeaders
 from guardloop.service.service_metrics import HttpMetrics
 from guardloop.service.storage_lifespan import open_storage
+from guardloop.service.workers import forget_this_process
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from guardloop import __version__
@@ -105,6 +107,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                 with contextlib.suppress(asyncio.CancelledError):
                     await task
             await batcher.stop()
+            forget_this_process()
 
     app = FastAPI(
         title="guardloop",
@@ -163,3 +166,12 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(pool.router)
     app.include_router(ops.router)
     return app
+
+
+def create_worker_app() -> FastAPI:
+    """uvicorn's app factory in each of several worker processes (service/workers.py). Workers are spawned, not
+    forked: each reads the environment the parent checked, and sets its own thread switch interval (process-wide,
+    as `guardloop serve` does for a single process)."""
+    settings = Settings()
+    sys.setswitchinterval(settings.gil_switch_interval_ms / 1000)
+    return create_app(settings)

@@ -10,7 +10,8 @@ import os
 import pytest
 
 from guardloop.bench.infinity_peer import ensure_venv, hf_model_dir, request_body
-from guardloop.bench.peer import RawFigures, Server, Tally, raw_onnx, report, run_peer_bench, tree_rss_mb
+from guardloop.bench.peer import RawFigures, Server, Tally, raw_onnx, report, run_peer_bench
+from guardloop.bench.processes import tree_rss_mb
 from guardloop.core.errors import UserError
 from guardloop.core.labels import LABELS
 from tests.tiny_onnx import publish_tiny

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import statistics
 import tempfile
 import threading
@@ -34,6 +33,7 @@ import typer
 from guardloop.bench.classify import HttpConnection, bench_texts, percentile
 from guardloop.bench.infinity_peer import ensure_venv, hf_model_dir, request_body, start_infinity
 from guardloop.bench.pool import free_port, start_service
+from guardloop.bench.processes import tree_cpu_seconds, tree_rss_mb
 from guardloop.core.errors import UserError
 from guardloop.core.settings import Settings
 from guardloop.models.registry import ModelRegistry
@@ -217,50 +217,6 @@ def measure(raw: RawModel, servers: list[Server], seconds: float, echo: Callable
         server.rss_mb = tree_rss_mb(server.pid)
 
 
-def _tree(pid: int) -> list[int]:
-    """A process and all its descendants (a server may fork workers)."""
-    children: dict[int, list[int]] = {}
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
-    tree, todo = [], [pid]
-    while todo:
-        current = todo.pop()
-        tree.append(current)
-        todo.extend(children.get(current, []))
-    return tree
-
-
-def tree_rss_mb(pid: int) -> float:
-    total = 0.0
-    for member in _tree(pid):
-        try:
-            status = Path(f"/proc/{member}/status").read_text()
-        except OSError:
-            continue
-        for line in status.splitlines():
-            if line.startswith("VmRSS:"):
-                total += int(line.split()[1]) / 1024
-    return total
-
-
-def tree_cpu_seconds(pid: int) -> float:
-    """User + system CPU time of a process tree, all threads (/proc/PID/stat fields 14 and 15)."""
-    ticks = os.sysconf("SC_CLK_TCK")
-    total = 0.0
-    for member in _tree(pid):
-        try:
-            fields = Path(f"/proc/{member}/stat").read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        total += (int(fields[11]) + int(fields[12])) / ticks
-    return total
-
-
-# ----------------------------------------------------------------------------- the run
 def run_peer_bench(
     *,
     settings: Settings,

@@ -121,6 +121,7 @@ def start_service(
             "GUARDLOOP_POOL_SAMPLE_RATE": repr(settings.pool_sample_rate),
             "GUARDLOOP_SEED": str(settings.seed),
             "GUARDLOOP_ONNX_THREADS": str(settings.onnx_threads),
+            "GUARDLOOP_WORKERS": str(settings.workers),
             "GUARDLOOP_ADMIN_TOKEN": admin_token,
             "GUARDLOOP_REGISTRY_POLL_SECONDS": "3600",
         }

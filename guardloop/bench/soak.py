@@ -8,10 +8,13 @@ for answers). The run has three phases:
     warm-up    not counted
     baseline   load and a reviewer labeling, no swaps
     swaps      the same, and every few seconds the other version is promoted and /admin/reload swaps to it
+               (with GUARDLOOP_WORKERS above 1, the worker that answers it; every worker also polls the registry
+               each second, so each swaps on its own)
 
-Meanwhile this process samples the service's resident memory (/proc/<pid>/status) every second. It prints one
-row per interval (requests, errors, p50/p99, memory, swaps) and a summary held to three targets: no failed
-request, p99 with swaps at most 2x the baseline's, and memory after warm-up growing by at most a bound.
+Meanwhile this process samples the service's resident memory (/proc/<pid>/status, its workers' included) every
+second. It prints one row per interval (requests, errors, p50/p99, memory, swaps) and a summary held to three
+targets: no failed request, p99 with swaps at most 2x the baseline's, and memory after warm-up growing by at most
+a bound.
 """
 
 from __future__ import annotations
@@ -34,6 +37,7 @@ import typer
 
 from guardloop.bench.classify import percentile
 from guardloop.bench.pool import start_service, text_mix
+from guardloop.bench.processes import tree_rss_mb
 from guardloop.core.errors import UserError
 from guardloop.core.labels import LABELS
 from guardloop.core.settings import Settings
@@ -92,13 +96,6 @@ async def _load(url: str, rate: float, start_at: float, seconds: float, texts: l
 
 
 # ----------------------------------------------------------------------------- what runs beside the load
-def resident_mb(pid: int) -> float:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    raise RuntimeError(f"no VmRSS for process {pid}")
-
-
 @dataclass
 class Background:
     """The memory sampler, the reviewer and the swapper: threads of this process, stopped by `stop`."""
@@ -127,7 +124,7 @@ class Background:
     def _sample(self) -> None:
         while not self.stop.wait(1.0):
             try:
-                self.memory.append((time.time(), resident_mb(self.pid)))
+                self.memory.append((time.time(), tree_rss_mb(self.pid)))
             except (OSError, RuntimeError):  # the service is gone: the report says why
                 return
 
@@ -250,6 +247,7 @@ def run_soak_bench(
             database_url=database_url,
             pool=True,
             admin_token=admin_token,
+            extra_env={"GUARDLOOP_REGISTRY_POLL_SECONDS": "1"} if settings.workers > 1 else None,
         )
         try:
             start_at = time.time() + 2.0  # time for the load process to start

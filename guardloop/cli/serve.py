@@ -16,9 +16,12 @@ from prometheus_client import start_http_server
 from guardloop.cli.app import app, check_database_url, friendly_errors, load_settings, setup_logging
 from guardloop.core.errors import UserError
 from guardloop.core.policy import PolicyError
+from guardloop.core.settings import Settings
 from guardloop.models.registry import ModelRegistry
 from guardloop.service.app import create_app
 from guardloop.service.policy_store import read_policies
+from guardloop.service.workers import shared_metrics_dir
+from guardloop.storage import DatabaseUnavailable, StorageError, upgrade_database
 from guardloop.trainer.scheduler import ScheduleError, build_scheduler
 
 log = logging.getLogger("guardloop.trainer")
@@ -45,6 +48,11 @@ def serve(
         except PolicyError as exc:
             raise UserError(f"GUARDLOOP_POLICY_PATH: {exc}") from None
     check_bindable(bind, port or settings.port, "--port" if port else "GUARDLOOP_PORT", "--port or GUARDLOOP_PORT")
+    if with_trainer and settings.workers > 1:
+        raise UserError(
+            f"--with-trainer runs cycles inside the one serving process, and GUARDLOOP_WORKERS={settings.workers} "
+            "asks for several: run `guardloop trainer` beside `guardloop serve`, or set GUARDLOOP_WORKERS=1"
+        )
     if not settings.api_keys and bind not in ("127.0.0.1", "::1", "localhost"):
         typer.echo(
             f"warning: serving on {bind} without API keys: anyone who reaches it can classify and fill the pool; "
@@ -73,20 +81,35 @@ def serve(
         except ScheduleError as exc:
             raise UserError(str(exc)) from None
         scheduler.start()
+    server = {
+        "host": bind,
+        "port": port or settings.port,
+        "log_level": settings.log_level.lower(),
+        "access_log": settings.access_log,
+    }
+    if settings.workers > 1:
+        serve_workers(settings, server)
+        return
     # Process-wide, so here and not in create_app: the event loop and the inference threads share one GIL
     # (the setting's comment says why the default is shorter than Python's).
     sys.setswitchinterval(settings.gil_switch_interval_ms / 1000)
     try:
-        uvicorn.run(
-            create_app(settings),
-            host=host or settings.host,
-            port=port or settings.port,
-            log_level=settings.log_level.lower(),
-            access_log=settings.access_log,
-        )
+        uvicorn.run(create_app(settings), **server)
     finally:
         if scheduler is not None:
             scheduler.shutdown(wait=False)
+
+
+def serve_workers(settings: Settings, server: dict[str, Any]) -> None:
+    """Several worker processes on one socket (service/workers.py says what they share and how)."""
+    try:  # once, here: workers starting together on a new SQLite file would race to create its tables
+        upgrade_database(settings.database_url_value)
+    except DatabaseUnavailable as exc:
+        typer.echo(f"warning: {exc}; each worker applies the migrations once it answers", err=True)
+    except StorageError as exc:
+        raise UserError(f"GUARDLOOP_DATABASE_URL: {exc}") from None
+    with shared_metrics_dir():
+        uvicorn.run("guardloop.service.app:create_worker_app", factory=True, workers=settings.workers, **server)
 
 
 @app.command("trainer")

@@ -45,7 +45,10 @@ CANARY_REQUESTS = Counter(
     registry=None,
 )
 CANARY_SHARE = Gauge(
-    "guardloop_canary_share", "share of traffic this replica routes to the canary (0: none)", registry=None
+    "guardloop_canary_share",
+    "share of traffic this replica routes to the canary (0: none)",
+    registry=None,
+    multiprocess_mode="livemax",
 )
 ROLLOUT_HALTS = Counter(
     "guardloop_rollout_halts_total",

@@ -49,6 +49,9 @@ class Settings(BaseSettings):
 
     # Inference
     onnx_threads: int = Field(1, ge=1, description="intra-op threads of the ONNX Runtime session")
+    workers: int = Field(
+        1, ge=1, le=64, description="`guardloop serve`'s worker processes, each with its own model (service/workers.py)"
+    )
     # An inference thread needs the GIL back after each text's forward pass (ONNX Runtime releases it while it
     # runs); while the event loop keeps it busy, Python's default 5 ms switch interval left a core idle for up to
     # 5 ms per text (~4 ms of model here). 0.2 ms carried 15% more texts/s at concurrency 32 and 128 (234 -> 269

@@ -18,6 +18,11 @@ What counts as what, where METRICS.md leaves a choice:
   survived (`GUARDLOOP_LLM_ROUNDS`) counts once per ask. It fails when no usable answer came after the retries.
   Variations: `accepted` are kept, `filtered` every candidate line dropped (hygiene, the verifier, consistency with
   the current model, surplus beyond the item's budget).
+
+With several worker processes (`GUARDLOOP_WORKERS`, service/workers.py) every value lives in a file per process
+and /metrics sums counters and histograms over the workers; each gauge's `multiprocess_mode` says how its workers'
+values combine: the model and policy in force per pod (`livemax`: 1 while any live worker serves that version;
+`model_loaded` is `livemin`, 0 while any worker has none), the database gauges as last read (`mostrecent`).
 """
 
 from __future__ import annotations
@@ -97,10 +102,24 @@ TEXTS_REJECTED = Counter(
     "texts that failed in a forward pass of their own (422); their batch-mates were answered",
     registry=None,
 )
-MODEL_INFO = Gauge("guardloop_model_info", "1 for the model version this process serves", ["version"], registry=None)
-MODEL_LOADED = Gauge("guardloop_model_loaded", "1 while a model is loaded (/readyz 200), else 0", registry=None)
+MODEL_INFO = Gauge(
+    "guardloop_model_info",
+    "1 for the model version this process serves",
+    ["version"],
+    registry=None,
+    multiprocess_mode="livemax",
+)
+MODEL_LOADED = Gauge(
+    "guardloop_model_loaded",
+    "1 while a model is loaded (/readyz 200), else 0",
+    registry=None,
+    multiprocess_mode="livemin",
+)
 MODEL_LOAD_SECONDS = Gauge(
-    "guardloop_model_load_seconds", "seconds the last successful load and warm-up took", registry=None
+    "guardloop_model_load_seconds",
+    "seconds the last successful load and warm-up took",
+    registry=None,
+    multiprocess_mode="livemax",
 )
 MODEL_SWAPS = Counter("guardloop_model_swaps_total", "hot-swaps to a new version", registry=None)
 MODEL_SWAPS_REFUSED = Counter(
@@ -119,14 +138,23 @@ POOL_DROPPED = Counter(
     "items the pool writer dropped (buffer full while the database was slow or down)",
     registry=None,
 )
-POOL_SIZE = Gauge("guardloop_pool_size", "items in the pool (read from the shared database)", registry=None)
+POOL_SIZE = Gauge(
+    "guardloop_pool_size",
+    "items in the pool (read from the shared database)",
+    registry=None,
+    multiprocess_mode="mostrecent",
+)
 REVIEW_QUEUE_DEPTH = Gauge(
-    "guardloop_review_queue_depth", "items waiting for a reviewer (read from the shared database)", registry=None
+    "guardloop_review_queue_depth",
+    "items waiting for a reviewer (read from the shared database)",
+    registry=None,
+    multiprocess_mode="mostrecent",
 )
 REVIEW_OLDEST_AGE = Gauge(
     "guardloop_review_oldest_item_age_seconds",
     "age of the oldest waiting item; 0 when the queue is empty (read from the shared database)",
     registry=None,
+    multiprocess_mode="mostrecent",
 )
 LABELS_GIVEN = Counter("guardloop_labels_total", "labels given, by reviewer name", ["reviewer"], registry=None)
 # Tenant label values come from the policy file only (its tenants and `default`), never from a caller: bounded.
@@ -146,9 +174,14 @@ POLICY_REFUSED = Gauge(
     "guardloop_policy_refused",
     "1 while the policy file on disk is refused and the previous policy decides",
     registry=None,
+    multiprocess_mode="livemax",
 )
 POLICY_INFO = Gauge(
-    "guardloop_policy_info", "1 for the policy version this process decides with", ["version"], registry=None
+    "guardloop_policy_info",
+    "1 for the policy version this process decides with",
+    ["version"],
+    registry=None,
+    multiprocess_mode="livemax",
 )
 
 # --------------------------------------------------------------------------------------------- trainer
@@ -332,8 +365,17 @@ def record_refused(reason: str) -> None:
         _REFUSED[reason].inc()
 
 
+def _drop_versions(info: Gauge) -> None:
+    """The old version's series goes: queries select the version whose value is 1. Zeroed first, since with
+    several workers a removed series' last value stays in this process's file and would still read 1."""
+    for family in info.collect():
+        for sample in family.samples:
+            info.labels(**sample.labels).set(0)
+    info.clear()
+
+
 def record_model_served(version: str, load_seconds: float, *, replaced: bool) -> None:
-    MODEL_INFO.clear()  # the old version's series goes: queries select the version whose value is 1
+    _drop_versions(MODEL_INFO)
     MODEL_INFO.labels(version=version).set(1)
     MODEL_LOADED.set(1)
     MODEL_LOAD_SECONDS.set(load_seconds)
@@ -342,7 +384,7 @@ def record_model_served(version: str, load_seconds: float, *, replaced: bool) ->
 
 
 def record_no_model() -> None:
-    MODEL_INFO.clear()
+    _drop_versions(MODEL_INFO)
     MODEL_LOADED.set(0)
 
 
@@ -358,7 +400,7 @@ def record_policy_in_force(version: str, *, loaded: bool) -> None:
     if loaded:
         _POLICY_LOADED.inc()
     POLICY_REFUSED.set(0)
-    POLICY_INFO.clear()  # the old version's series goes, as for the model
+    _drop_versions(POLICY_INFO)  # as for the model
     POLICY_INFO.labels(version=version).set(1)
 
 

@@ -1,5 +1,8 @@
 """GET /models/current (the version this replica serves, its card) and POST /admin/reload (load the registry's
-current version now): the service's view of the model versions the registry (guardloop.models) holds."""
+current version now): the service's view of the model versions the registry (guardloop.models) holds.
+
+With several worker processes (GUARDLOOP_WORKERS) each request reaches one of them: the worker that answers
+reload swaps now, the others at their next registry poll."""
 
 from __future__ import annotations
 

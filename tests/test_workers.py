@@ -8,6 +8,7 @@ import os
 import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -15,6 +16,7 @@ from pathlib import Path
 import httpx
 import pytest
 from guardloop.models.registry import ModelRegistry
+from guardloop.service.workers import METRICS_DIR_VARIABLE, shared_metrics_dir
 from prometheus_client import CollectorRegistry, multiprocess
 from prometheus_client.mmap_dict import MmapedDict, mmap_key
 
@@ -151,29 +153,17 @@ def test_two_workers_answer_follow_a_promotion_pool_and_count_together(tmp_path)
     assert server.returncode == 0, log.read_text()
 
 
-@pytest.mark.slow
-def test_workers_metrics_folder_is_temporary_when_the_operator_names_none(tmp_path):
-    registry = ModelRegistry(tmp_path / "registry")
-    version = publish_tiny(registry, tmp_path, favour="medical-advice")
-    scratch = tmp_path / "scratch"
-    scratch.mkdir()
-    env = {key: value for key, value in os.environ.items() if key != "PROMETHEUS_MULTIPROC_DIR"} | {
-        "GUARDLOOP_WORKERS": "2",
-        "TMPDIR": str(scratch),  # where serve makes the folder
-        "GUARDLOOP_DATA_DIR": str(tmp_path / "data"),
-        "GUARDLOOP_REGISTRY_DIR": str(registry.root),
-    }
-    port = free_port()
-    url = f"http://127.0.0.1:{port}"
-    log = tmp_path / "serve.log"
-    server = start_server(env, port, log)
+def test_the_metrics_folder_is_temporary_when_the_operator_names_none(tmp_path, monkeypatch):
+    # In process: what `serve` does around the workers (the subprocess test above covers an operator's folder).
+    monkeypatch.delenv(METRICS_DIR_VARIABLE, raising=False)
+    monkeypatch.setenv("TMPDIR", str(tmp_path))
+    tempfile.tempdir = None  # re-read TMPDIR
     try:
-        assert wait_for(lambda: ready(server, url, log), timeout=90), log.read_text()
-        assert classify_all(url, [f"temporary folder {i}" for i in range(20)]) == [(version, "medical-advice")] * 20
-        assert scrape(url).value("guardloop_predictions_total", label="medical-advice") == 20
-        folders = list(scratch.glob("guardloop-metrics-*"))
-        assert len(folders) == 1 and list(folders[0].glob("counter_*.db"))
+        with shared_metrics_dir() as folder:
+            assert os.environ[METRICS_DIR_VARIABLE] == str(folder)  # what the spawned workers inherit
+            assert folder.parent == tmp_path and folder.name.startswith("guardloop-metrics-")
+            (folder / "counter_1.db").write_bytes(b"")  # a worker's file
+        assert METRICS_DIR_VARIABLE not in os.environ
+        assert not folder.exists()
     finally:
-        stop(server)
-    assert server.returncode == 0, log.read_text()
-    assert not list(scratch.glob("guardloop-metrics-*"))  # removed at shutdown
+        tempfile.tempdir = None

@@ -25,7 +25,7 @@ from guardloop.trainer.cycle import CycleRunner, OracleLabeler
 from guardloop.trainer.variations import VariationConfig, VariationGenerator
 from prometheus_client.parser import text_string_to_metric_families
 
-from guardloop.core import telemetry
+from guardloop.core import trainer_telemetry
 from guardloop.core.labels import LABELS
 from guardloop.core.settings import Settings
 from guardloop.storage import Database, LabelRequest, PoolRecord, PoolRepository, ReviewerRepository, WriteOutcome
@@ -136,7 +136,7 @@ def scrape(base_url: str) -> Scrape:
 def test_every_cycle_step_is_a_known_step_label() -> None:
     # The cycle's step names are initialised at 0 from this list; a renamed step must be renamed there too.
     source = (Path(__file__).resolve().parents[1] / "trainer" / "cycle.py").read_text()
-    assert set(re.findall(r'self\._step\(cycle, "([^"]+)"\)', source)) == set(telemetry.CYCLE_STEPS)
+    assert set(re.findall(r'self\._step\(cycle, "([^"]+)"\)', source)) == set(trainer_telemetry.CYCLE_STEPS)
 
 
 @pytest.mark.slow
@@ -158,7 +158,7 @@ def test_metrics_show_traffic_swaps_pool_review_and_a_cycle(tmp_path):
         assert wait_for(lambda: client.get("/readyz").status_code == 200)
         # The cycle below exposes the trainer's metrics in this process; exposing them first puts their values so
         # far in `before` (other test files in this worker may have counted LLM requests), so deltas are this test's.
-        telemetry.expose_trainer_metrics()
+        trainer_telemetry.expose_trainer_metrics()
         before = scrape(url)
 
         # ---- traffic on the first model (it favours legal-advice), a bad request and an unknown path

@@ -34,7 +34,7 @@ from guardloop.trainer.variations import (
 )
 from guardloop.trainer.variations.llm_server import LLMServerError, LocalLLMServer
 
-from guardloop.core import telemetry
+from guardloop.core import trainer_telemetry
 from guardloop.core.labels import LABELS
 from tests.conftest import free_port, wait_for
 
@@ -380,7 +380,7 @@ MORE_ANSWER = (
 
 
 def llm_requests_counted() -> float:
-    samples = telemetry.LLM_REQUESTS.collect()[0].samples
+    samples = trainer_telemetry.LLM_REQUESTS.collect()[0].samples
     return next(sample.value for sample in samples if sample.name == "guardloop_llm_requests_total")
 
 

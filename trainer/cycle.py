@@ -37,7 +37,7 @@ from guardloop.trainer.variations import VariationGenerator
 from guardloop.trainer.variations.verifier import lazy_embedder
 from sqlalchemy.exc import SQLAlchemyError
 
-from guardloop.core import telemetry
+from guardloop.core import trainer_telemetry
 from guardloop.core.datafiles import Example
 from guardloop.core.labels import LABELS
 from guardloop.core.settings import Settings
@@ -95,7 +95,7 @@ class CycleRunner:
             second_opinion_share=self.settings.review_second_opinion_share,
         )
         self.cycles = CycleRepository(self.database)
-        telemetry.expose_trainer_metrics()  # a process that runs cycles exports the cycle, LLM and variation metrics
+        trainer_telemetry.expose_trainer_metrics()  # a process that runs cycles exports the cycle and LLM metrics
 
     # ------------------------------------------------------------------------------------- entry point
     def run(self, *, now: datetime | None = None) -> CycleView:
@@ -118,7 +118,7 @@ class CycleRunner:
                 log.exception("cycle %s failed", cycle.id)
                 self.cycles.update(cycle.id, status=FAILED, reason=f"{type(exc).__name__}: {exc}", steps=self._steps)
             finished: CycleView = self.cycles.get(cycle.id)  # type: ignore[assignment]
-        telemetry.record_cycle_outcome(finished.status)  # skipped and still-waiting runs are not outcomes
+        trainer_telemetry.record_cycle_outcome(finished.status)  # skipped and still-waiting runs are not outcomes
         if finished.status == PROMOTED:
             self.export_last_promoted()
         return finished
@@ -132,7 +132,7 @@ class CycleRunner:
             log.warning("last promoted model's metrics not exported: %s", exc)
             return
         if last is not None and last.metrics.get("candidate"):
-            telemetry.record_promoted_model(last.metrics["candidate"])
+            trainer_telemetry.record_promoted_model(last.metrics["candidate"])
 
     def _advance_rollout(self) -> None:
         try:
@@ -149,7 +149,7 @@ class CycleRunner:
             if cycle.status != AWAITING_LABELS:
                 log.warning("cycle %s was interrupted during %s; marking it failed", cycle.id, cycle.status)
                 self.cycles.update(cycle.id, status=FAILED, reason=f"interrupted during {cycle.status}")
-                telemetry.record_cycle_outcome(FAILED)  # its own process died before it could count it
+                trainer_telemetry.record_cycle_outcome(FAILED)  # its own process died before it could count it
 
     def _start(self) -> CycleView:
         cycle_id = f"c{datetime.now(UTC):%Y%m%d-%H%M%S}-{secrets.token_hex(2)}"
@@ -170,7 +170,7 @@ class CycleRunner:
         self._steps.append({"step": name, "seconds": round(seconds, 2), **detail})
         self.cycles.update(cycle.id, steps=self._steps)
         log.info("cycle %s: %s done in %.1fs %s", cycle.id, name, seconds, detail or "")
-        telemetry.CYCLE_STEP_SECONDS.labels(step=name).observe(seconds)
+        trainer_telemetry.CYCLE_STEP_SECONDS.labels(step=name).observe(seconds)
         if self.on_step:
             self.on_step(name, seconds)
 

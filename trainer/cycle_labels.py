@@ -18,7 +18,7 @@ from guardloop.trainer.labelers import ORACLE_SECOND_LOOK, OracleLabeler
 from guardloop.trainer.training_set import is_gold
 from guardloop.trainer.variations.companions import companions_for
 
-from guardloop.core import telemetry
+from guardloop.core import trainer_telemetry
 from guardloop.core.datafiles import Example
 from guardloop.core.settings import Settings
 from guardloop.storage import Database, ReviewError, ReviewRepository
@@ -58,7 +58,7 @@ def check_labels(
     doubted = [Suspicion(finals[s.index].item_id, s.given, s.suggested, s.quality) for s in result.suspects]
     suspected = suspects.mark(doubted, cycle_id=cycle_id, at=now)
     waiting = suspects.waiting()
-    telemetry.record_label_check(suspected, waiting)
+    trainer_telemetry.record_label_check(suspected, waiting)
     detail: dict[str, Any] = {"checked": result.checked, "suspected": suspected, "withheld": waiting}
     if result.skipped:
         detail["skipped"] = result.skipped

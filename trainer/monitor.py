@@ -20,7 +20,7 @@ from guardloop.trainer.embeddings import Embedder, SentenceEmbedder
 from guardloop.trainer.reference import load_reference
 from guardloop.trainer.training_set import base_training_sets
 
-from guardloop.core import telemetry
+from guardloop.core import trainer_telemetry
 from guardloop.core.settings import Settings
 from guardloop.storage import RANDOM_SAMPLE, Database, PoolRepository, StoredItem
 
@@ -32,7 +32,7 @@ MIN_RECENT_ITEMS = 30
 
 @dataclass(frozen=True)
 class DriftReport:
-    outcome: str  # drifted, stable or skipped (telemetry.DRIFT_OUTCOMES)
+    outcome: str  # drifted, stable or skipped (trainer_telemetry.DRIFT_OUTCOMES)
     reason: str
     version: str | None = None
     drift: DriftResult | None = None
@@ -64,13 +64,13 @@ class DriftMonitor:
         # Opened per check: the ONNX session is cheap to open and should not sit in memory between hourly checks.
         self._embedder = embedder or (lambda: SentenceEmbedder(settings.data_dir / "cache"))
         self._started_cycle_for: str | None = None
-        telemetry.expose_trainer_metrics()
+        trainer_telemetry.expose_trainer_metrics()
 
     def check(self) -> DriftReport:
         report = self._measure()
         estimate = report.estimate or {}
         per_class = estimate.get("per_class", {})
-        telemetry.record_drift_check(
+        trainer_telemetry.record_drift_check(
             report.outcome,
             drift=report.drift.as_json() if report.drift else None,
             precision={label: value.precision for label, value in per_class.items()},
@@ -91,7 +91,7 @@ class DriftMonitor:
             log.info("drift check skipped: %s", report.reason)
         if report.start_cycle:
             self._started_cycle_for = report.version
-            telemetry.record_drift_cycle()
+            trainer_telemetry.record_drift_cycle()
         return report
 
     def _measure(self) -> DriftReport:
@@ -137,7 +137,7 @@ def build_monitor_job(settings: Settings, database: Database, registry: ModelReg
             start = monitor.check().start_cycle
         except Exception:
             log.exception("drift check failed")
-            telemetry.record_drift_check("skipped")
+            trainer_telemetry.record_drift_check("skipped")
         if settings.pool_map_items:
             try:
                 output = settings.pool_map_path

@@ -21,7 +21,7 @@ from typing import Any
 from guardloop.models.registry import ModelRegistry, RegistryError
 from guardloop.models.rollout import Rollouts, RolloutState
 
-from guardloop.core import telemetry
+from guardloop.core import trainer_telemetry
 from guardloop.core.rollout_judgement import CanaryBounds, canary_problem, judge_shadow, shadow_summary
 from guardloop.core.settings import Settings
 from guardloop.storage import Database, ReviewRepository
@@ -157,9 +157,9 @@ def _record_in_cycle(registry: ModelRegistry, database: Database, step: RolloutS
         outcome = {"status": REJECTED, "reason": f"roll-out aborted: {step.reason}"}
     cycles.update(cycle.id, metrics={**cycle.metrics, "rollout": history}, **outcome)
     if outcome:
-        telemetry.record_cycle_outcome(outcome["status"])
+        trainer_telemetry.record_cycle_outcome(outcome["status"])
         if outcome["status"] == PROMOTED and cycle.metrics.get("candidate"):
-            telemetry.record_promoted_model(cycle.metrics["candidate"])
+            trainer_telemetry.record_promoted_model(cycle.metrics["candidate"])
 
 
 def start_shadow(registry: ModelRegistry, version: str, reason: str) -> dict[str, Any]:

@@ -1,9 +1,11 @@
-"""Every Prometheus metric of guardloop, in one place. Names, types, labels and buckets: k8s/METRICS.md.
+"""The service's Prometheus metrics. Names, types, labels and buckets: k8s/METRICS.md; the trainer's metrics (cycles,
+LLM, variations, drift) are in core/trainer_telemetry.py.
 
 The metrics are created unregistered and put into prometheus-client's default registry by role, so each process
 exports only what it does: the service (`expose_service_metrics`, called by `create_app`) and a process that runs
-cycles (`expose_trainer_metrics`, called by `CycleRunner`: `guardloop trainer`, `serve --with-trainer`). A trainer
-that exported `guardloop_model_loaded 0` would page as "a replica without a model".
+cycles (`trainer_telemetry.expose_trainer_metrics`, called by `CycleRunner`: `guardloop trainer`,
+`serve --with-trainer`). A trainer that exported `guardloop_model_loaded 0` would page as "a replica without a
+model".
 
 What counts as what, where METRICS.md leaves a choice:
 - HTTP: every request, `/metrics`, `/healthz` and `/readyz` included, under its route template; a path that
@@ -11,13 +13,6 @@ What counts as what, where METRICS.md leaves a choice:
 - Predictions, flags, uncertainty: the texts a caller sent (a conversation's last user turn, not the extra
   context window classified beside it); a text flagged in two categories counts once in each.
 - Swaps: a served version replaced by another; the first load of a process is not a swap.
-- Cycles: only finished ones, `promoted`, `rejected` or `failed`; a `skipped` cycle (empty pool, too few labels)
-  trained nothing and is not counted, and a cycle waiting for reviewers is counted when it ends.
-- LLM: one request = one ask for variations of one text, retries included (latency from the first attempt to
-  the answer, the verifier's work after it not included); a text asked again because too few of its rewrites
-  survived (`GUARDLOOP_LLM_ROUNDS`) counts once per ask. It fails when no usable answer came after the retries.
-  Variations: `accepted` are kept, `filtered` every candidate line dropped (hygiene, the verifier, consistency with
-  the current model, surplus beyond the item's budget).
 
 With several worker processes (`GUARDLOOP_WORKERS`, service/workers.py) every value lives in a file per process
 and /metrics sums counters and histograms over the workers; each gauge's `multiprocess_mode` says how its workers'
@@ -28,7 +23,6 @@ values combine: the model and policy in force per pod (`livemax`: 1 while any li
 from __future__ import annotations
 
 import contextlib
-import math
 from collections.abc import Iterable, Sequence
 from typing import TYPE_CHECKING
 
@@ -44,26 +38,6 @@ if TYPE_CHECKING:
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 UNCERTAINTY_BUCKETS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
 BATCH_SIZE_BUCKETS = (1, 2, 4, 8, 16, 32, 64)
-CYCLE_STEP_BUCKETS = (1, 5, 15, 30, 60, 120, 300, 600, 1200, 1800, 3600, 7200, 14400)
-LLM_BUCKETS = (0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 30.0, 60.0, 120.0)
-
-CYCLE_OUTCOMES = ("promoted", "rejected", "failed")
-# The steps of trainer/cycle.py, in order (tests/test_metrics.py checks a real cycle against this list).
-CYCLE_STEPS = (
-    "snapshot pool",
-    "embed",
-    "score",
-    "select",
-    "request labels",
-    "collect labels",
-    "check labels",
-    "generate variations",
-    "build training set",
-    "train and export",
-    "evaluate",
-    "gate",
-    "publish",
-)
 UNMATCHED_ROUTE = "unmatched"
 
 # --------------------------------------------------------------------------------------------- service
@@ -184,79 +158,6 @@ POLICY_INFO = Gauge(
     multiprocess_mode="livemax",
 )
 
-# --------------------------------------------------------------------------------------------- trainer
-CYCLE_STEP_SECONDS = Histogram(
-    "guardloop_cycle_step_duration_seconds",
-    "seconds each cycle step took",
-    ["step"],
-    buckets=CYCLE_STEP_BUCKETS,
-    registry=None,
-)
-CYCLES = Counter(
-    "guardloop_cycles_total", "finished cycles: promoted, rejected (gate said no) or failed", ["outcome"], registry=None
-)
-LAST_PROMOTED_MACRO_F1 = Gauge(
-    "guardloop_last_promoted_macro_f1", "evaluation macro-F1 of the last promoted model", registry=None
-)
-LAST_PROMOTED_RECALL = Gauge(
-    "guardloop_last_promoted_recall", "per-class evaluation recall of the last promoted model", ["label"], registry=None
-)
-LLM_REQUESTS = Counter("guardloop_llm_requests_total", "requests to the variation LLM", registry=None)
-LLM_FAILURES = Counter(
-    "guardloop_llm_failures_total",
-    "LLM requests that failed after retries (timeout, error, unusable answer)",
-    registry=None,
-)
-LLM_REQUEST_SECONDS = Histogram(
-    "guardloop_llm_request_duration_seconds", "seconds per LLM request", buckets=LLM_BUCKETS, registry=None
-)
-VARIATIONS = Counter(
-    "guardloop_variations_total", "generated variations: accepted or filtered", ["outcome"], registry=None
-)
-LABEL_SUSPECTS = Counter(
-    "guardloop_label_suspects_total",
-    "settled labels the label check doubted: withheld from training, sent to a second reviewer",
-    registry=None,
-)
-LABEL_SUSPECTS_WAITING = Gauge(
-    "guardloop_label_suspects_waiting",
-    "doubted labels still waiting for their second reviewer (withheld from training until then)",
-    registry=None,
-)
-
-DRIFT_OUTCOMES = ("drifted", "stable", "skipped")
-DRIFT_SCORE = Gauge(
-    "guardloop_drift_score", "MMD^2 of recent sampled traffic against the served model's training data", registry=None
-)
-DRIFT_THRESHOLD = Gauge(
-    "guardloop_drift_threshold", "the drift score's permutation threshold (false-alarm rate alpha)", registry=None
-)
-DRIFT_P_VALUE = Gauge("guardloop_drift_p_value", "permutation p-value of the last drift check", registry=None)
-DRIFT_RECENT_ITEMS = Gauge(
-    "guardloop_drift_recent_items", "recent randomly sampled pool items the last drift check compared", registry=None
-)
-DRIFT_CHECKS = Counter(
-    "guardloop_drift_checks_total",
-    "drift checks: drifted, stable or skipped (no model, too few items)",
-    ["outcome"],
-    registry=None,
-)
-DRIFT_CYCLES = Counter(
-    "guardloop_drift_cycles_triggered_total", "cycles started early because traffic drifted", registry=None
-)
-ESTIMATED_PRECISION = Gauge(
-    "guardloop_estimated_precision",
-    "label-free expected precision per class on recent sampled traffic (confidence-based estimate)",
-    ["label"],
-    registry=None,
-)
-ESTIMATED_RECALL = Gauge(
-    "guardloop_estimated_recall",
-    "label-free expected recall per class on recent sampled traffic (confidence-based estimate)",
-    ["label"],
-    registry=None,
-)
-
 SERVICE_METRICS: tuple[Collector, ...] = (
     HTTP_REQUESTS,
     HTTP_REQUEST_SECONDS,
@@ -283,64 +184,23 @@ SERVICE_METRICS: tuple[Collector, ...] = (
     POLICY_REFUSED,
     POLICY_INFO,
 )
-TRAINER_METRICS: tuple[Collector, ...] = (
-    CYCLE_STEP_SECONDS,
-    CYCLES,
-    LAST_PROMOTED_MACRO_F1,
-    LAST_PROMOTED_RECALL,
-    LLM_REQUESTS,
-    LLM_FAILURES,
-    LLM_REQUEST_SECONDS,
-    VARIATIONS,
-    LABEL_SUSPECTS,
-    LABEL_SUSPECTS_WAITING,
-    DRIFT_SCORE,
-    DRIFT_THRESHOLD,
-    DRIFT_P_VALUE,
-    DRIFT_RECENT_ITEMS,
-    DRIFT_CHECKS,
-    DRIFT_CYCLES,
-    ESTIMATED_PRECISION,
-    ESTIMATED_RECALL,
-)
-
 # Every known label value exists at 0 from the start: rate(), increase() and "always rejected" need the 0.
 # The children are kept: the hot path then skips labels()'s lock and lookup.
 _PREDICTED = {label: PREDICTIONS.labels(label=label) for label in LABELS}
 _FLAGGED = {label: FLAGGED.labels(label=label) for label in LABELS}
 _REFUSED = {reason: REQUESTS_REFUSED.labels(reason=reason) for reason in REFUSAL_REASONS}
-_CYCLES = {outcome: CYCLES.labels(outcome=outcome) for outcome in CYCLE_OUTCOMES}
-_RECALL = {label: LAST_PROMOTED_RECALL.labels(label=label) for label in LABELS}
-_ACCEPTED, _FILTERED = VARIATIONS.labels(outcome="accepted"), VARIATIONS.labels(outcome="filtered")
 _POLICY_LOADED, _POLICY_REFUSED = POLICY_RELOADS.labels(outcome="loaded"), POLICY_RELOADS.labels(outcome="refused")
-_DRIFT_CHECKS = {outcome: DRIFT_CHECKS.labels(outcome=outcome) for outcome in DRIFT_OUTCOMES}
-# No estimate yet reads NaN, not 0: a 0 would fire GuardloopEstimatedRecallLow before any check ran, while NaN
-# compares false in every alert and shows as a gap on the dashboard.
-for _label in LABELS:
-    ESTIMATED_PRECISION.labels(label=_label).set(math.nan)
-    ESTIMATED_RECALL.labels(label=_label).set(math.nan)
-for _step in CYCLE_STEPS:
-    CYCLE_STEP_SECONDS.labels(step=_step)
 
 
-def _expose(collectors: Iterable[Collector]) -> None:
+def expose(collectors: Iterable[Collector]) -> None:
+    """Put `collectors` into the default registry, which /metrics renders."""
     for collector in collectors:
         with contextlib.suppress(ValueError):  # already exposed (a second app or runner in the same process)
             REGISTRY.register(collector)
 
 
 def expose_service_metrics() -> None:
-    _expose(SERVICE_METRICS)
-
-
-def expose_trainer_metrics() -> None:
-    _expose(TRAINER_METRICS)
-
-
-def record_label_check(doubted: int, waiting: int) -> None:
-    """One cycle's label check: labels it sent back for a second look, and how many such labels still wait."""
-    LABEL_SUSPECTS.inc(doubted)
-    LABEL_SUSPECTS_WAITING.set(waiting)
+    expose(SERVICE_METRICS)
 
 
 # --------------------------------------------------------------------------------------------- service events
@@ -413,55 +273,3 @@ def record_database_gauges(pool_size: int, queue_depth: int, oldest_age_seconds:
     POOL_SIZE.set(pool_size)
     REVIEW_QUEUE_DEPTH.set(queue_depth)
     REVIEW_OLDEST_AGE.set(oldest_age_seconds)
-
-
-# --------------------------------------------------------------------------------------------- trainer events
-def record_cycle_outcome(outcome: str) -> None:
-    """Count a finished cycle; other statuses (skipped, still waiting) are not outcomes."""
-    counter = _CYCLES.get(outcome)
-    if counter is not None:
-        counter.inc()
-
-
-def record_promoted_model(report: dict) -> None:
-    """The evaluation report (trainer.evaluation.classification_report) of the model just promoted."""
-    LAST_PROMOTED_MACRO_F1.set(report["macro_f1"])
-    for label, recall in report["per_class_recall"].items():
-        if label in _RECALL:
-            _RECALL[label].set(recall)
-
-
-def record_llm_request(seconds: float, *, failed: bool) -> None:
-    LLM_REQUESTS.inc()
-    LLM_REQUEST_SECONDS.observe(seconds)
-    if failed:
-        LLM_FAILURES.inc()
-
-
-def record_variations(accepted: int, filtered: int) -> None:
-    _ACCEPTED.inc(accepted)
-    _FILTERED.inc(filtered)
-
-
-def record_drift_check(
-    outcome: str,
-    *,
-    drift: dict | None = None,
-    precision: dict[str, float | None] | None = None,
-    recall: dict[str, float | None] | None = None,
-) -> None:
-    """A finished drift check (trainer/monitor.py): its outcome, the test's figures, the label-free estimate.
-    A class the estimate has no figure for (never predicted) reads NaN rather than keeping a stale figure."""
-    _DRIFT_CHECKS[outcome].inc()
-    if drift is not None:
-        DRIFT_SCORE.set(drift["score"])
-        DRIFT_THRESHOLD.set(drift["threshold"])
-        DRIFT_P_VALUE.set(drift["p_value"])
-        DRIFT_RECENT_ITEMS.set(drift["n_recent"])
-    for gauge, values in ((ESTIMATED_PRECISION, precision), (ESTIMATED_RECALL, recall)):
-        for label, value in (values or {}).items():
-            gauge.labels(label=label).set(math.nan if value is None else value)
-
-
-def record_drift_cycle() -> None:
-    DRIFT_CYCLES.inc()

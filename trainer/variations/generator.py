@@ -21,7 +21,7 @@ from guardloop.trainer.variations.prompt import build_compose_messages, build_me
 from guardloop.trainer.variations.records import VariationBatch, VariationResult, VariationStats
 from guardloop.trainer.variations.verifier import Embed, Verifier, VerifierConfig
 
-from guardloop.core import telemetry
+from guardloop.core import trainer_telemetry
 from guardloop.core.labels import parse_label
 
 if TYPE_CHECKING:
@@ -189,7 +189,7 @@ class VariationGenerator:
             try:
                 content, tokens = self._request(messages, result)
             except AttemptFailed as failure:
-                telemetry.record_llm_request(time.monotonic() - asked, failed=True)
+                trainer_telemetry.record_llm_request(time.monotonic() - asked, failed=True)
                 if round_index == 0:
                     result.error, result.error_detail = failure.reason, failure.detail
                 break
@@ -198,7 +198,7 @@ class VariationGenerator:
             result.completion_tokens += tokens
             result.rounds += 1
             answered = self._accept(result, content, target)
-            telemetry.record_llm_request(request_seconds, failed=not answered)
+            trainer_telemetry.record_llm_request(request_seconds, failed=not answered)
             if not answered:
                 if round_index == 0:
                     result.error = "garbage_output"
@@ -244,7 +244,7 @@ class VariationGenerator:
         try:
             content, tokens = self._request(messages, result)
         except AttemptFailed as failure:
-            telemetry.record_llm_request(time.monotonic() - asked, failed=True)
+            trainer_telemetry.record_llm_request(time.monotonic() - asked, failed=True)
             if not result.rounds:
                 result.error, result.error_detail = failure.reason, failure.detail
             return
@@ -252,7 +252,7 @@ class VariationGenerator:
         result.raw_output = content if result.raw_output is None else f"{result.raw_output}\n{content}"
         result.completion_tokens += tokens
         answered = self._accept(result, content, target, also=companions)
-        telemetry.record_llm_request(request_seconds, failed=not answered)
+        trainer_telemetry.record_llm_request(request_seconds, failed=not answered)
         result.composed += len(result.accepted) - have
 
     def generate_many(
@@ -368,7 +368,7 @@ class VariationGenerator:
         self.stats.accepted += len(result.accepted)
         self.stats.filtered.update(result.filtered)
         self.stats.completion_tokens += result.completion_tokens
-        telemetry.record_variations(len(result.accepted), sum(result.filtered.values()))
+        trainer_telemetry.record_variations(len(result.accepted), sum(result.filtered.values()))
 
     # ----------------------------------------------------------------------------------------- one request
     def _request(self, messages: list[dict[str, str]], result: VariationResult) -> tuple[str, int]:

@@ -46,8 +46,7 @@ def shared_metrics_dir() -> Iterator[Path]:
     if given:
         folder = Path(given)
         folder.mkdir(parents=True, exist_ok=True)
-        for stale in folder.glob("*.db"):
-            stale.unlink(missing_ok=True)
+        remove_metric_files(folder)
         yield folder
         return
     folder = Path(tempfile.mkdtemp(prefix="guardloop-metrics-"))
@@ -69,6 +68,20 @@ class _EveryWorker(Collector):
     def collect(self) -> Iterable[Metric]:
         exposed = {family.name for family in REGISTRY.collect()}
         return [family for family in self._files.collect() if family.name in exposed]
+
+
+def remove_metric_files(folder: Path, *, keep_pid: int | None = None) -> None:
+    """Remove the metric files in `folder`, but those of process `keep_pid` (one serving from them already)."""
+    for path in folder.glob("*.db"):
+        if keep_pid is None or not path.stem.endswith(f"_{keep_pid}"):
+            path.unlink(missing_ok=True)
+
+
+def forget_earlier_processes() -> None:
+    """A single serving process under an operator's PROMETHEUS_MULTIPROC_DIR: its own files were made when the
+    metrics were imported; an earlier run's would be summed into its /metrics."""
+    if folder := os.environ.get(METRICS_DIR_VARIABLE):
+        remove_metric_files(Path(folder), keep_pid=os.getpid())
 
 
 def metrics_registry() -> CollectorRegistry:

@@ -167,3 +167,32 @@ def test_the_metrics_folder_is_temporary_when_the_operator_names_none(tmp_path, 
         assert not folder.exists()
     finally:
         tempfile.tempdir = None
+
+
+@pytest.mark.slow
+def test_one_worker_under_an_operators_metrics_folder_reports_only_its_own_counts(tmp_path):
+    # PROMETHEUS_MULTIPROC_DIR set for the whole pod, GUARDLOOP_WORKERS left at 1: an earlier run's file is dropped.
+    registry = ModelRegistry(tmp_path / "registry")
+    version = publish_tiny(registry, tmp_path, favour="legal-advice")
+    metrics_dir = tmp_path / "metrics"
+    metrics_dir.mkdir()
+    write_stale_count(metrics_dir)
+    env = {
+        **os.environ,
+        "PROMETHEUS_MULTIPROC_DIR": str(metrics_dir),
+        "GUARDLOOP_DATA_DIR": str(tmp_path / "data"),
+        "GUARDLOOP_REGISTRY_DIR": str(registry.root),
+    }
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    log = tmp_path / "serve.log"
+    server = start_server(env, port, log)
+    try:
+        assert wait_for(lambda: ready(server, url, log), timeout=90), log.read_text()
+        assert classify_all(url, [f"one worker {i}" for i in range(10)]) == [(version, "legal-advice")] * 10
+        metrics = scrape(url)
+        assert metrics.value("guardloop_predictions_total", label="legal-advice") == 10
+        assert metrics.value("guardloop_model_loaded") == 1
+        assert not (metrics_dir / "counter_999999.db").exists()
+    finally:
+        stop(server)

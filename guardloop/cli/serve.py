@@ -20,7 +20,7 @@ from guardloop.core.settings import Settings
 from guardloop.models.registry import ModelRegistry
 from guardloop.service.app import create_app
 from guardloop.service.policy_store import read_policies
-from guardloop.service.workers import shared_metrics_dir
+from guardloop.service.workers import forget_earlier_processes, shared_metrics_dir
 from guardloop.storage import DatabaseUnavailable, StorageError, upgrade_database
 from guardloop.trainer.scheduler import ScheduleError, build_scheduler
 
@@ -93,6 +93,7 @@ def serve(
     # Process-wide, so here and not in create_app: the event loop and the inference threads share one GIL
     # (the setting's comment says why the default is shorter than Python's).
     sys.setswitchinterval(settings.gil_switch_interval_ms / 1000)
+    forget_earlier_processes()
     try:
         uvicorn.run(create_app(settings), **server)
     finally:

@@ -83,13 +83,19 @@ def classify_all(url: str, texts: list[str]) -> list[tuple[str, str]]:
         return list(threads.map(one, texts))
 
 
+def stale_metrics_dir(tmp_path: Path) -> Path:
+    """An operator's PROMETHEUS_MULTIPROC_DIR holding a file of an earlier run."""
+    metrics_dir = tmp_path / "metrics"
+    metrics_dir.mkdir()
+    write_stale_count(metrics_dir)
+    return metrics_dir
+
+
 @pytest.mark.slow
 def test_two_workers_answer_follow_a_promotion_pool_and_count_together(tmp_path):
     registry = ModelRegistry(tmp_path / "registry")
     first = publish_tiny(registry, tmp_path, favour="legal-advice")
-    metrics_dir = tmp_path / "metrics"
-    metrics_dir.mkdir()
-    write_stale_count(metrics_dir)
+    metrics_dir = stale_metrics_dir(tmp_path)
     data_dir = tmp_path / "data"
     env = {
         **os.environ,
@@ -174,9 +180,7 @@ def test_one_worker_under_an_operators_metrics_folder_reports_only_its_own_count
     # PROMETHEUS_MULTIPROC_DIR set for the whole pod, GUARDLOOP_WORKERS left at 1: an earlier run's file is dropped.
     registry = ModelRegistry(tmp_path / "registry")
     version = publish_tiny(registry, tmp_path, favour="legal-advice")
-    metrics_dir = tmp_path / "metrics"
-    metrics_dir.mkdir()
-    write_stale_count(metrics_dir)
+    metrics_dir = stale_metrics_dir(tmp_path)
     env = {
         **os.environ,
         "PROMETHEUS_MULTIPROC_DIR": str(metrics_dir),

@@ -31,7 +31,7 @@ test: install lint-imports
 	$(VENV)/bin/ruff format --check .
 	# Two workers, each test file on one of them (its module fixtures built once): much of the suite waits on
 	# servers and subprocesses, so two workers on two cores take about half the wall time of one.
-	$(VENV)/bin/pytest -ra --durations=25 -n 2 --dist loadfile
+	$(VENV)/bin/pytest -ra --durations=25 -n 2 --dist loadfile --no-loadscope-reorder
 
 test-fast: install
 	$(VENV)/bin/pytest -ra -m "not slow"

@@ -59,8 +59,9 @@ def shared_metrics_dir() -> Iterator[Path]:
 
 
 class _EveryWorker(Collector):
-    """Every worker's values of the metrics this process exposes. The files also hold the trainer's metrics,
-    made at 0 when telemetry is imported; a service that exported those would read as a trainer at 0."""
+    """Every worker's values of the metrics this process exposes. The files can also hold the trainer's metrics,
+    made at 0 wherever core/trainer_telemetry.py is imported (the CLI's trainer commands import it); a service that
+    exported those would read as a trainer at 0."""
 
     def __init__(self, folder: str) -> None:
         self._files = multiprocess.MultiProcessCollector(None, folder)

@@ -53,6 +53,8 @@ MISTAKES = [
      ["GUARDLOOP_WORKERS: should be greater than or equal to 1"]),
     ("workers with --with-trainer", {"GUARDLOOP_WORKERS": "2"}, ["serve", "--with-trainer"],
      ["GUARDLOOP_WORKERS=2 asks for several", "run `guardloop trainer` beside `guardloop serve`"]),
+    ("metrics folder is a file", {"PROMETHEUS_MULTIPROC_DIR": "{tmp}/broken.yaml"}, ["serve"],
+     ["PROMETHEUS_MULTIPROC_DIR: cannot use", "name a writable folder or unset PROMETHEUS_MULTIPROC_DIR"]),
     ("port out of range", {"GUARDLOOP_PORT": "70000"}, ["serve"],
      ["GUARDLOOP_PORT: should be less than or equal to 65535", "'70000'"]),
     ("--port out of range", {}, ["serve", "--port", "70000"], ["--port: port 70000 is out of range"]),

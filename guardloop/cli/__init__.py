@@ -9,6 +9,9 @@ stderr and exit code 2, never a traceback.
 from __future__ import annotations
 
 # isort: off
+from guardloop.cli.metrics_folder import exit_on_a_bad_metrics_folder
+
+exit_on_a_bad_metrics_folder()  # before the imports below create the metrics (metrics_folder.py says why)
 from guardloop.cli.app import app
 from guardloop.cli import serve, training, cycles, simulate, variations  # noqa: F401  (they register commands)
 from guardloop.cli import registry_commands, bench, pool, pool_map, reviewers  # noqa: F401  (they register groups)

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
+import sys
 
 import pytest
 
@@ -43,6 +45,13 @@ def test_raw_figures_come_from_real_forward_passes(published):
 
 def test_memory_of_a_process_tree_includes_this_process():
     assert tree_rss_mb(os.getpid()) > 10
+
+
+def test_memory_of_a_process_that_is_gone_is_an_error_not_zero():
+    # the soak's sampler stops on it; a 0 would have read as all memory freed
+    finished = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    with pytest.raises(ProcessLookupError):
+        tree_rss_mb(int(finished.stdout))
 
 
 def test_an_installed_peer_is_not_installed_again(tmp_path):

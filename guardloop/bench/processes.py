@@ -25,6 +25,10 @@ def process_tree(pid: int) -> list[int]:
 
 
 def tree_rss_mb(pid: int) -> float:
+    """Resident memory of a process tree; ProcessLookupError once the process itself is gone (a 0 would read as
+    memory freed)."""
+    if not Path(f"/proc/{pid}").exists():
+        raise ProcessLookupError(f"no process {pid}")
     total = 0.0
     for member in process_tree(pid):
         try:
@@ -48,6 +52,3 @@ def tree_cpu_seconds(pid: int) -> float:
             continue
         total += (int(fields[11]) + int(fields[12])) / ticks
     return total
-
-
-# ----------------------------------------------------------------------------- the run

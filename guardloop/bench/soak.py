@@ -125,7 +125,7 @@ class Background:
         while not self.stop.wait(1.0):
             try:
                 self.memory.append((time.time(), tree_rss_mb(self.pid)))
-            except (OSError, RuntimeError):  # the service is gone: the report says why
+            except OSError:  # the service is gone (ProcessLookupError): the report says why
                 return
 
     def _review(self) -> None:

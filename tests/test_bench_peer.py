@@ -4,6 +4,7 @@ its own virtual environment, ~1 GB with torch) is not installed by the tests: th
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import subprocess
@@ -11,6 +12,7 @@ import sys
 
 import pytest
 
+from guardloop.bench.classify import HttpConnection, run_client
 from guardloop.bench.infinity_peer import ensure_venv, hf_model_dir, request_body
 from guardloop.bench.peer import RawFigures, Server, Tally, raw_onnx, report, run_peer_bench
 from guardloop.bench.processes import tree_rss_mb
@@ -82,7 +84,7 @@ def test_the_report_sets_each_figure_against_its_target_and_the_models_own_floor
     in flight at 500 texts/s wait at least 64 ms (Little's law), so a p99 under 60 ms cannot happen there."""
     raw = RawFigures(forward_p50_ms=4.0, one_thread=250, two_threads=500, per_cpu_second=250)
     ours = Server("guardloop", "http://127.0.0.1:1", 1, [], ready_seconds=1.5, latencies_ms=[6.0] * 99 + [12.0])
-    ours.served = {32: Tally(3000, 10.0, [100.0] * 100, 15.0), 128: Tally(2800, 10.0, [400.0] * 100, 14.0)}
+    ours.served = {32: Tally(3000, 10.0, [100.0] * 100, 15.0, 1.5), 128: Tally(2800, 10.0, [400.0] * 100, 14.0)}
     ours.rss_mb = 190
     lines: list[str] = []
     report(raw, ours, None, None, lines.append)
@@ -91,3 +93,33 @@ def test_the_report_sets_each_figure_against_its_target_and_the_models_own_floor
     assert "floor at c=32: mean latency >= 64 ms from the model alone on two threads (no p99 below)" in text
     assert "guardloop c=1: p50 1.50x the raw forward pass (target <= 1.7x)" in text
     assert "guardloop 200; raw ONNX in batches of 32 250 (guardloop / raw: 80%)" in text
+    assert "the load generator's own CPU per request at c=32, on the same cores (ms): guardloop 0.50" in text
+
+
+def test_the_load_generators_client_reads_each_answer_whole_on_one_keep_alive_connection():
+    """A real socket server on loopback answers three requests on one connection, with the length header in
+    different cases and a body that holds a blank line: each status comes back and no byte is left for the next."""
+    answers = [
+        b'HTTP/1.1 200 OK\r\ncontent-length: 11\r\nx-a: 1\r\n\r\n{"a":\r\n\r\n1}',
+        b'HTTP/1.1 422 Unprocessable Content\r\nContent-Length: 16\r\n\r\n{"detail": "no"}',
+        b"HTTP/1.1 503 Service Unavailable\r\nCONTENT-LENGTH:0\r\n\r\n",
+    ]
+    received: list[bytes] = []
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        for answer in answers:
+            head = await reader.readuntil(b"\r\n\r\n")
+            length = int(head.split(b"Content-Length: ")[1].split(b"\r\n")[0])
+            received.append(await reader.readexactly(length))
+            writer.write(answer)
+            await writer.drain()
+        writer.close()
+
+    async def client() -> list[int]:
+        server = await asyncio.start_server(serve, "127.0.0.1", 0)
+        port = server.sockets[0].getsockname()[1]
+        async with server, HttpConnection(f"http://127.0.0.1:{port}", {"X-Client-Id": "bench"}) as connection:
+            return [await connection.classify(body) for body in (b'{"text":"a"}', b"{}", b'{"text":"\xc3\xa9"}')]
+
+    assert run_client(client()) == [200, 422, 503]
+    assert received == [b'{"text":"a"}', b"{}", b'{"text":"\xc3\xa9"}']

@@ -5,14 +5,20 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 import statistics
 import time
+from collections.abc import Coroutine
+from typing import Any, TypeVar
 from urllib.parse import urlsplit
 
 import httpx
 import typer
 
 from guardloop.core.seed import SEED_EVAL
+
+T = TypeVar("T")
+_CONTENT_LENGTH = re.compile(rb"\r\ncontent-length:[ \t]*(\d+)", re.IGNORECASE)
 
 
 def bench_texts() -> list[str]:
@@ -28,14 +34,17 @@ class HttpConnection:
     """A minimal HTTP/1.1 keep-alive client on one socket.
 
     The load generator shares the machine's two cores with the server; httpx spends about as much CPU per
-    request as the server does, so it would measure itself. This one only writes bytes and reads a response.
+    request as the server does, so it would measure itself. This one only writes bytes and reads a response:
+    the status line and headers in one read, then the body by its length.
     """
 
     def __init__(self, url: str, headers: dict[str, str]) -> None:
         parts = urlsplit(url)
         self.host, self.port = parts.hostname or "127.0.0.1", parts.port or 80
         extra = "".join(f"{name}: {value}\r\n" for name, value in headers.items())
-        self._head = f"POST /classify HTTP/1.1\r\nHost: {self.host}\r\nContent-Type: application/json\r\n{extra}"
+        self._head = (
+            f"POST /classify HTTP/1.1\r\nHost: {self.host}\r\nContent-Type: application/json\r\n{extra}Content-Length: "
+        ).encode()
         self._reader: asyncio.StreamReader | None = None
         self._writer: asyncio.StreamWriter | None = None
 
@@ -49,15 +58,22 @@ class HttpConnection:
 
     async def classify(self, body: bytes) -> int:
         assert self._reader is not None and self._writer is not None
-        self._writer.write(f"{self._head}Content-Length: {len(body)}\r\n\r\n".encode() + body)
-        status = int((await self._reader.readline()).split()[1])
-        length = 0
-        while (line := await self._reader.readline()) not in (b"\r\n", b""):
-            name, _, value = line.partition(b":")
-            if name.strip().lower() == b"content-length":
-                length = int(value)
-        await self._reader.readexactly(length)
-        return status
+        self._writer.write(b"%s%d\r\n\r\n%s" % (self._head, len(body), body))
+        head = await self._reader.readuntil(b"\r\n\r\n")
+        length = _CONTENT_LENGTH.search(head)
+        await self._reader.readexactly(int(length.group(1)) if length else 0)
+        return int(head.split(maxsplit=2)[1])
+
+
+def run_client(coroutine: Coroutine[Any, Any, T]) -> T:
+    """Run a load generator's coroutine on uvloop (installed with uvicorn[standard]) where it is available: the
+    generator shares the cores with the server under test, and uvloop spends about half of asyncio's CPU per
+    request (the issue's reference figures came from wrk, a C load generator)."""
+    try:
+        import uvloop
+    except ImportError:  # not on every platform (Windows)
+        return asyncio.run(coroutine)
+    return uvloop.run(coroutine)
 
 
 def _bodies(texts: list[str]) -> list[bytes]:
@@ -138,8 +154,8 @@ def run_classify_bench(url: str, *, requests: int, concurrency: int, reference: 
         httpx.get(f"{url}/readyz", timeout=5).raise_for_status()
     except httpx.HTTPError as exc:
         raise typer.BadParameter(f"no ready service at {url} ({exc}); start one with `guardloop serve`") from None
-    lat = asyncio.run(http_latency(url, texts, requests, headers))
-    thr = asyncio.run(http_throughput(url, texts, requests * 2, concurrency, headers))
+    lat = run_client(http_latency(url, texts, requests, headers))
+    thr = run_client(http_throughput(url, texts, requests * 2, concurrency, headers))
     rows = [("guardloop HTTP /classify", percentile(lat, 50), percentile(lat, 99), statistics.mean(lat), thr)]
     if reference:
         ref_lat, ref_batched = pipeline_reference(texts, min(requests, 500))

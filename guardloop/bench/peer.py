@@ -30,7 +30,7 @@ from pathlib import Path
 
 import typer
 
-from guardloop.bench.classify import HttpConnection, bench_texts, percentile
+from guardloop.bench.classify import HttpConnection, bench_texts, percentile, run_client
 from guardloop.bench.infinity_peer import ensure_venv, hf_model_dir, request_body, start_infinity
 from guardloop.bench.pool import free_port, start_service
 from guardloop.bench.processes import tree_cpu_seconds, tree_rss_mb
@@ -71,12 +71,21 @@ class Tally:
     seconds: float = 0.0
     latencies_ms: list[float] = field(default_factory=list)
     cpu_seconds: float = 0.0  # the server's (or the raw threads') CPU time: a machine others load inflates less
+    generator_cpu_seconds: float = 0.0  # the load generator's (this process): what it took from the server's cores
 
-    def add(self, texts: int, seconds: float, latencies_ms: list[float], cpu_seconds: float = 0.0) -> None:
+    def add(
+        self,
+        texts: int,
+        seconds: float,
+        latencies_ms: list[float],
+        cpu_seconds: float = 0.0,
+        generator_cpu_seconds: float = 0.0,
+    ) -> None:
         self.texts += texts
         self.seconds += seconds
         self.latencies_ms += latencies_ms
         self.cpu_seconds += cpu_seconds
+        self.generator_cpu_seconds += generator_cpu_seconds
 
     @property
     def per_cpu_second(self) -> float:
@@ -199,7 +208,7 @@ def measure(raw: RawModel, servers: list[Server], seconds: float, echo: Callable
     for _ in range(rounds):
         raw.one_text(part)
         for server in servers:
-            server.latencies_ms += asyncio.run(_latency(server.url, server.bodies, part))
+            server.latencies_ms += run_client(_latency(server.url, server.bodies, part))
     echo("  c=1: " + ", ".join(f"{s.name} p50 {percentile(s.latencies_ms, 50):.2f} ms" for s in servers))
     for concurrency in CONCURRENCIES:
         for _ in range(rounds):
@@ -207,10 +216,10 @@ def measure(raw: RawModel, servers: list[Server], seconds: float, echo: Callable
                 raw.in_batches(1, part)
                 raw.in_batches(2, part)
             for server in servers:
-                cpu = tree_cpu_seconds(server.pid)
-                texts, elapsed, latencies = asyncio.run(_load(server.url, server.bodies, concurrency, part))
+                cpu, generator_cpu = tree_cpu_seconds(server.pid), time.process_time()
+                texts, elapsed, latencies = run_client(_load(server.url, server.bodies, concurrency, part))
                 server.served.setdefault(concurrency, Tally()).add(
-                    texts, elapsed, latencies, tree_cpu_seconds(server.pid) - cpu
+                    texts, elapsed, latencies, tree_cpu_seconds(server.pid) - cpu, time.process_time() - generator_cpu
                 )
         echo(f"  c={concurrency}: " + ", ".join(f"{s.name} {s.served[concurrency].rate:.0f} texts/s" for s in servers))
     for server in servers:
@@ -352,6 +361,11 @@ def report(
         f"texts/s): guardloop {ours_lo.per_cpu_second:.0f}{peer}; raw ONNX in batches of {BATCH} "
         f"{raw.per_cpu_second:.0f} (guardloop / raw: {efficiency:.0%})"
     )
+    generator = ", ".join(
+        f"{row.name} {1000 * row.served[c_lo].generator_cpu_seconds / row.served[c_lo].texts:.2f}"
+        for row in ((ours,) if theirs is None else (ours, theirs))
+    )
+    echo(f"the load generator's own CPU per request at c={c_lo}, on the same cores (ms): {generator}")
     echo(f"cold start, process start to ready (0.2 s polls): guardloop {ours.ready_seconds:.1f} s (/readyz 200)")
     if theirs is None:
         return

@@ -138,6 +138,15 @@ def test_openapi_documents_classify_with_examples(client):
     assert schema["examples"]
 
 
+def test_openapi_documents_the_client_id_header_on_both_classifying_routes_and_no_secret_header(client):
+    """client_identity reads its headers from the request (no FastAPI parameters); /docs still shows X-Client-Id,
+    and never the API-key headers."""
+    paths = client.get("/openapi.json").json()["paths"]
+    for path in ("/classify", "/v1/moderations"):
+        headers = {p["name"] for p in paths[path]["post"].get("parameters", []) if p["in"] == "header"}
+        assert headers == {"X-Client-Id"}, path
+
+
 def test_admin_reload_requires_the_admin_token(client):
     assert client.post("/admin/reload").status_code == 401
     wrong = client.post("/admin/reload", headers={"Authorization": "Bearer nope"})

@@ -5,7 +5,7 @@ from __future__ import annotations
 import uuid
 
 from fastapi import APIRouter, Depends, Request, Response
-from guardloop.service.auth import client_identity
+from guardloop.service.auth import CLIENT_ID_HEADER_DOC, client_identity
 from guardloop.service.classification import classify_texts
 from guardloop.service.errors import OpenAIErrorRoute
 from guardloop.service.schemas import ErrorResponse, ModerationRequest, ModerationResponse, ModerationResult
@@ -29,6 +29,7 @@ MODEL_VERSION_HEADER = "X-Guardloop-Model-Version"
         503: {"model": ErrorResponse},
     },
     summary="OpenAI-compatible moderation over guardloop's six labels",
+    openapi_extra=CLIENT_ID_HEADER_DOC,
     description=(
         "Takes OpenAI's request (`input`: a string or a list of strings; `model` optional) and answers in "
         "OpenAI's shape. `categories` and `category_scores` carry guardloop's labels; a category is true when its "

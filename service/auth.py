@@ -104,6 +104,5 @@ def review_reader(
     return require_reviewer(database, authorization)
 
 
-ClientId = Annotated[str | None, Depends(client_identity)]
 ReviewerName = Annotated[str, Depends(require_reviewer)]
 ReviewReader = Annotated[str | None, Depends(review_reader)]

@@ -34,7 +34,10 @@ def keyword_server(settings, registry, tmp_path: Path):
 
 def test_a_string_input_gets_openai_shaped_results(keyword_server):
     url, version = keyword_server
-    response = client_for(url).moderations.create(input="I want to die")
+    raw = client_for(url).moderations.with_raw_response.create(input="I want to die")
+    assert raw.headers["X-Guardloop-Model-Version"] == version
+    assert raw.headers["content-type"] == "application/json"
+    response = raw.parse()
     assert response.id.startswith("modr-") and len(response.id) > len("modr-") + 16
     assert response.model == version  # no model asked for: the served version is reported
     (result,) = response.results

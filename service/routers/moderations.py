@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import uuid
 
-from fastapi import APIRouter, Depends, Request, Response
+from fastapi import APIRouter, Depends, Request
 from guardloop.service.auth import CLIENT_ID_HEADER_DOC, client_identity
 from guardloop.service.classification import classify_texts
 from guardloop.service.errors import OpenAIErrorRoute
+from guardloop.service.model_json import ModelJSONResponse
 from guardloop.service.schemas import ErrorResponse, ModerationRequest, ModerationResponse, ModerationResult
 
 from guardloop.core.labels import LABELS, SAFE_LABEL
@@ -37,9 +38,8 @@ MODEL_VERSION_HEADER = "X-Guardloop-Model-Version"
         f"`{MODEL_VERSION_HEADER}` header."
     ),
 )
-async def create_moderation(body: ModerationRequest, request: Request, response: Response) -> ModerationResponse:
+async def create_moderation(body: ModerationRequest, request: Request) -> ModelJSONResponse:
     classified = await classify_texts(request, body.as_list())
-    response.headers[MODEL_VERSION_HEADER] = classified.model.version
     results = [
         ModerationResult(
             flagged=verdict.flagged,  # the tenant's block decision (service/decisions.py)
@@ -50,9 +50,11 @@ async def create_moderation(body: ModerationRequest, request: Request, response:
         )
         for verdict, decision in zip(classified.verdicts, classified.decisions, strict=True)
     ]
-    return ModerationResponse(
+    response = ModerationResponse(
         id=f"modr-{uuid.uuid4().hex}",
         model=body.model or classified.model.version,
         results=results,
         policy_version=classified.policy.version,
     )
+    # validated as it was built: written once (service/model_json.py)
+    return ModelJSONResponse(response, headers={MODEL_VERSION_HEADER: classified.model.version})

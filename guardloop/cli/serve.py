@@ -95,7 +95,7 @@ def serve(
     sys.setswitchinterval(settings.gil_switch_interval_ms / 1000)
     forget_earlier_processes()
     try:
-        uvicorn.run(create_app(settings), **server)
+        uvicorn.run(create_app(settings, settle_gc=True), **server)
     finally:
         if scheduler is not None:
             scheduler.shutdown(wait=False)

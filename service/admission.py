@@ -68,8 +68,8 @@ class FairQueue:
     goes into the next batch, ahead of the flood's remaining texts.
 
     Short and long texts (more than `long_tokens`) never share a batch: a one-line text would otherwise be padded
-    to the length of a 4,000-character batch-mate and wait as long as it. Only the event loop touches the queue,
-    so it needs no lock.
+    to the length of a 4,000-character batch-mate and wait as long as it. The micro-batcher guards
+    it with one lock: the event loop puts texts in, and a lane's thread may take its next batch (service/batcher.py).
     """
 
     def __init__(self, long_tokens: int = 64) -> None:

@@ -177,6 +177,43 @@ async def test_a_lone_text_waits_at_most_max_wait_for_company():
     assert waited < 5, waited
 
 
+@pytest.mark.anyio
+async def test_a_lane_takes_its_next_batches_itself_while_the_event_loop_is_busy():
+    model = FakeModel(FakeClassifier(hold=True), "v1")
+    batcher, _ = batcher_for(model, max_size=4)
+    await started(batcher)
+    try:
+        request = asyncio.ensure_future(batcher.predict([f"text {i}" for i in range(12)]))
+        await entered(model.classifier)  # the first batch runs; 8 texts wait
+        model.classifier.hold = False
+        model.classifier.release.set()
+        # wait_for blocks this thread, the event loop's, as a burst of requests to parse would keep it busy: the
+        # lane's thread must run the two waiting batches without the loop's help.
+        assert wait_for(lambda: len(model.classifier.batches) == 3, timeout=10)
+        probs, _ = await request
+    finally:
+        await stopped(batcher, model)
+    assert [len(batch) for batch in model.classifier.batches] == [4, 4, 4]
+    assert probs.shape == (12, len(LABELS))
+
+
+@pytest.mark.anyio
+async def test_with_a_wait_the_event_loop_forms_every_batch():
+    model = FakeModel(FakeClassifier(hold=True), "v1")
+    batcher, _ = batcher_for(model, max_size=4, max_wait_ms=1)
+    await started(batcher)
+    try:
+        request = asyncio.ensure_future(batcher.predict([f"text {i}" for i in range(12)]))
+        await entered(model.classifier)
+        model.classifier.hold = False
+        model.classifier.release.set()
+        assert not wait_for(lambda: len(model.classifier.batches) > 1, timeout=0.5)  # the loop is blocked here
+        await request
+    finally:
+        await stopped(batcher, model)
+    assert [len(batch) for batch in model.classifier.batches] == [4, 4, 4]
+
+
 # ------------------------------------------------------------------ fairness
 @pytest.mark.anyio
 async def test_one_text_callers_share_the_first_batch_with_a_64_text_request():
@@ -203,7 +240,9 @@ async def test_callers_arriving_while_a_flood_runs_go_into_the_next_batch():
         flood = asyncio.ensure_future(batcher.predict([f"heavy {i}" for i in range(40)], "heavy"))
         await entered(model.classifier)  # the flood's first batch runs; 36 of its texts wait
         light = asyncio.ensure_future(batcher.predict(["light"], "light"))
-        await wait_until(lambda: batcher.pending_tokens > 36 * estimate_tokens("heavy 0", 128))
+        # The light text is queued (the flood's 36 waiting texts alone already count 138 tokens: "heavy 10" has 4).
+        waiting = sum(estimate_tokens(f"heavy {i}", 128) for i in range(4, 40)) + estimate_tokens("light", 128)
+        await wait_until(lambda: batcher.pending_tokens == waiting)
         model.classifier.hold = False
         model.classifier.release.set()
         await asyncio.gather(flood, light)

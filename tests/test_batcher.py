@@ -178,40 +178,27 @@ async def test_a_lone_text_waits_at_most_max_wait_for_company():
 
 
 @pytest.mark.anyio
-async def test_a_lane_takes_its_next_batches_itself_while_the_event_loop_is_busy():
+@pytest.mark.parametrize(("max_wait_ms", "batches_while_the_loop_is_busy"), [(0, 3), (1, 1)])
+async def test_a_lane_takes_its_next_batches_itself_unless_a_wait_is_configured(
+    max_wait_ms, batches_while_the_loop_is_busy
+):
     model = FakeModel(FakeClassifier(hold=True), "v1")
-    batcher, _ = batcher_for(model, max_size=4)
+    batcher, _ = batcher_for(model, max_size=4, max_wait_ms=max_wait_ms)
     await started(batcher)
     try:
         request = asyncio.ensure_future(batcher.predict([f"text {i}" for i in range(12)]))
         await entered(model.classifier)  # the first batch runs; 8 texts wait
         model.classifier.hold = False
         model.classifier.release.set()
-        # wait_for blocks this thread, the event loop's, as a burst of requests to parse would keep it busy: the
-        # lane's thread must run the two waiting batches without the loop's help.
-        assert wait_for(lambda: len(model.classifier.batches) == 3, timeout=10)
+        # wait_for blocks this thread, the event loop's, as a burst of requests to parse would keep it busy. Without
+        # a wait the lane's thread runs the two waiting batches on its own; with one, the loop forms every batch.
+        reached = wait_for(lambda: len(model.classifier.batches) == 3, timeout=10 if max_wait_ms == 0 else 0.5)
+        assert len(model.classifier.batches) == batches_while_the_loop_is_busy and reached == (max_wait_ms == 0)
         probs, _ = await request
     finally:
         await stopped(batcher, model)
     assert [len(batch) for batch in model.classifier.batches] == [4, 4, 4]
     assert probs.shape == (12, len(LABELS))
-
-
-@pytest.mark.anyio
-async def test_with_a_wait_the_event_loop_forms_every_batch():
-    model = FakeModel(FakeClassifier(hold=True), "v1")
-    batcher, _ = batcher_for(model, max_size=4, max_wait_ms=1)
-    await started(batcher)
-    try:
-        request = asyncio.ensure_future(batcher.predict([f"text {i}" for i in range(12)]))
-        await entered(model.classifier)
-        model.classifier.hold = False
-        model.classifier.release.set()
-        assert not wait_for(lambda: len(model.classifier.batches) > 1, timeout=0.5)  # the loop is blocked here
-        await request
-    finally:
-        await stopped(batcher, model)
-    assert [len(batch) for batch in model.classifier.batches] == [4, 4, 4]
 
 
 # ------------------------------------------------------------------ fairness

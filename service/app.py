@@ -10,14 +10,14 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI, Request
-from fastapi.exception_handlers import http_exception_handler
 from fastapi.exceptions import RequestValidationError
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse, Response
 from guardloop.models.registry import ModelRegistry
 from guardloop.service.batcher import MicroBatcher
+from guardloop.service.classify_fast_path import ClassifyFastPath
 from guardloop.service.docs import add_offline_docs
-from guardloop.service.errors import describe_validation_error, document_validation_errors_as_text, http_error_detail
+from guardloop.service.errors import describe_validation_error, document_validation_errors_as_text, http_error_response
 from guardloop.service.guideline_store import GuidelineStore, poll_forever
 from guardloop.service.limits import BodySizeLimit
 from guardloop.service.memory import settle_garbage_collector
@@ -129,6 +129,8 @@ def create_app(settings: Settings | None = None, *, settle_gc: bool = False) -> 
     app.include_router(classify.router)
     app.include_router(moderations.router)
     add_offline_docs(app)
+    # Innermost: inside every limit and the metrics, in front of FastAPI (service/classify_fast_path.py).
+    app.add_middleware(ClassifyFastPath)
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)
     # Around the body-size limit: a flood is refused before its bodies are read or its tokens looked up.
     app.add_middleware(
@@ -156,8 +158,7 @@ def create_app(settings: Settings | None = None, *, settle_gc: bool = False) -> 
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, exc: StarletteHTTPException) -> Response:
-        clearer = StarletteHTTPException(exc.status_code, http_error_detail(exc), exc.headers)
-        return await http_exception_handler(request, clearer)
+        return http_error_response(exc)
 
     document_validation_errors_as_text(app)
 

@@ -9,6 +9,7 @@ from fastapi import FastAPI, Request, Response
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from fastapi.routing import APIRoute
+from fastapi.utils import is_body_allowed_for_status_code
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 
@@ -58,6 +59,14 @@ def http_error_detail(exc: StarletteHTTPException) -> str:
             return UNREADABLE_BODY
         return UNPARSABLE_BODY
     return str(exc.detail)
+
+
+def http_error_response(exc: StarletteHTTPException) -> Response:
+    """How every HTTP error reads: `{"detail": "<what to fix>"}` with the exception's headers (FastAPI's own
+    handler, with the clearer detail). The app's handler and /classify's fast path both answer with it."""
+    if not is_body_allowed_for_status_code(exc.status_code):
+        return Response(status_code=exc.status_code, headers=exc.headers)
+    return JSONResponse({"detail": http_error_detail(exc)}, status_code=exc.status_code, headers=exc.headers)
 
 
 _OPENAI_ERROR_TYPES = {401: "authentication_error", 403: "permission_error", 429: "rate_limit_exceeded"}

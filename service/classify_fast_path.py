@@ -21,7 +21,7 @@ from guardloop.service.errors import http_error_response
 from guardloop.service.routers.classify import classify
 from guardloop.service.schemas import ClassifyRequest
 from pydantic import ValidationError
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 PATH = "/classify"
@@ -37,15 +37,16 @@ class ClassifyFastPath:
         if scope["type"] != "http" or scope["path"] != PATH or scope["method"] != "POST" or not _is_json(scope):
             await self.app(scope, receive, send)
             return
-        body = await _read_body(receive)
-        if body is None:  # the client went away before its body arrived: nobody to answer
+        request = Request(scope, receive)
+        try:
+            body = await request.body()  # the body-size limit raises here once a streamed body passes it
+        except ClientDisconnect:  # the client went away before its body arrived: nobody to answer
             return
         try:
             parsed = ClassifyRequest.model_validate_json(body)
         except ValidationError:  # FastAPI's validation says what to fix, as it always has
             await self.app(scope, _replay(body, receive), send)
             return
-        request = Request(scope, receive)
         try:
             await client_identity(request)  # the route's own dependency: a wrong key is a 403 here too
             response = await classify(parsed, request)
@@ -59,17 +60,6 @@ def _is_json(scope: Scope) -> bool:
         if name == b"content-type":
             return value.split(b";", 1)[0].strip().lower() == b"application/json"
     return False
-
-
-async def _read_body(receive: Receive) -> bytes | None:
-    chunks = []
-    while True:
-        message = await receive()  # the body-size limit raises here once a streamed body passes it
-        if message["type"] == "http.disconnect":
-            return None
-        chunks.append(message.get("body", b""))
-        if not message.get("more_body", False):
-            return b"".join(chunks)
 
 
 def _replay(body: bytes, receive: Receive) -> Receive:
